@@ -1,0 +1,2 @@
+namespace SwitchNorm
+module Placeholder = let x = 1
