@@ -1,0 +1,232 @@
+namespace SwitchNorm
+
+open TorchSharp
+
+/// <summary>
+/// What a switchable normalizer computes, independent of any module: the statistics it mixes, the switch
+/// that turns logits into weights, eps, and the running-average momentum.
+/// </summary>
+type NormSpec =
+    {
+        /// The statistics to mix, in logit order (the paper: [Instance; Layer; Batch]).
+        Components: Component list
+        /// Logits → convex weights (the paper: softmax).
+        Switch: Switch
+        /// Added to the mixed variance before the square root; default 1e-5.
+        Eps: float
+        /// Running-average factor for the BN statistics; None means a cumulative average (BatchNorm's momentum=None).
+        Momentum: float option
+    }
+
+    /// True when the Batch component is mixed in.
+    member this.UsesBatch = List.contains Batch this.Components
+
+    /// The paper's spec with the given options: [IN; LN; BN] (or [IN; LN] without BN) and softmax.
+    static member Create(usingBn: bool, eps: float, momentum: System.Nullable<float>) =
+        { Components = if usingBn then [ Instance; Layer; Batch ] else [ Instance; Layer ]
+          Switch = Mixing.softmax
+          Eps = eps
+          Momentum = Option.ofNullable momentum }
+
+/// Learnable parameters of a switchable normalizer.
+type NormParams =
+    {
+        /// Per-channel scale γ [C], or None when not affine.
+        Weight: torch.Tensor option
+        /// Per-channel shift β [C], or None when not affine.
+        Bias: torch.Tensor option
+        /// Logits of the mean mixture [K].
+        MeanLogits: torch.Tensor
+        /// Logits of the variance mixture [K].
+        VarLogits: torch.Tensor
+    }
+
+/// BatchNorm-style running statistics of the BN component.
+type RunningStats =
+    {
+        /// Running mean [C].
+        Mean: torch.Tensor
+        /// Running unbiased variance [C].
+        Var: torch.Tensor
+        /// How many training batches have been averaged in.
+        BatchesTracked: int64
+    }
+
+/// The result of one call of the functional normalizer.
+type NormResult =
+    {
+        /// The normalized output, same shape and dtype as the input.
+        Output: torch.Tensor
+        /// The running statistics after this call (the given ones when nothing was updated).
+        Running: RunningStats option
+        /// The batch's per-channel moments (shape [1, C], detached) when BN used batch statistics.
+        BatchMoments: Moments option
+    }
+
+/// <summary>
+/// The functional switchable normalizer (Luo et al., "Differentiable Learning-to-Normalize via Switchable
+/// Normalization", ICLR 2019). Pure: tensors and running statistics in, output and new running statistics out.
+/// </summary>
+[<RequireQualifiedAccess>]
+module Functional =
+
+    /// The default spec of the paper: [IN; LN; BN], softmax, eps = 1e-5, momentum = 0.1.
+    let paper =
+        { Components = [ Instance; Layer; Batch ]
+          Switch = Mixing.softmax
+          Eps = 1e-5
+          Momentum = Some 0.1 }
+
+    /// <summary>
+    /// Per-(n, c), per-n and per-c moments of x, all from one two-pass reduction over x viewed as (N, C, S).
+    /// </summary>
+    let private statistic (m: Moments) (comp: Component) (bnStats: torch.Tensor * torch.Tensor) =
+        match comp with
+        | Instance -> m.Mean, Moments.variance m
+        | Layer ->
+            let l = Moments.reduce 1L m
+            l.Mean, Moments.variance l
+        | Batch -> bnStats
+
+    /// <summary>
+    /// Normalizes x of shape (N, C, *spatial):
+    /// mean = Σₖ switch(MeanLogits)ₖ · meanₖ, var = Σₖ switch(VarLogits)ₖ · varₖ over the spec's components,
+    /// y = (x − mean) / sqrt(var + eps) · weight + bias. Variances are biased. In training (or without running
+    /// statistics) BN uses the batch and the running statistics are updated as BatchNorm updates them:
+    /// running = (1 − f) · running + f · batch, with the unbiased batch variance and f = momentum, or
+    /// 1 / batches_tracked when momentum is None. In eval BN uses the running statistics; IN and LN always use x.
+    /// float16/bfloat16 inputs are normalized in float32 and returned in their own dtype.
+    /// </summary>
+    /// <param name="layer">Name used in error messages.</param>
+    /// <param name="spec">Components, switch, eps and momentum.</param>
+    /// <param name="p">Weight, bias and the two logit vectors.</param>
+    /// <param name="running">BN running statistics, or None when they are not tracked.</param>
+    /// <param name="training">Training mode: BN uses and tracks the batch.</param>
+    /// <param name="x">The input (N, C, *spatial).</param>
+    /// <exception cref="T:System.ArgumentException">Bad input: rank, channels, dtype, device, or a training
+    /// batch with one value per channel when BN is mixed in.</exception>
+    [<CompiledName("Forward")>]
+    let forward (layer: string) (spec: NormSpec) (p: NormParams) (running: RunningStats option) (training: bool) (x: torch.Tensor) : NormResult =
+        let k = int64 (List.length spec.Components)
+
+        if k = 0L then
+            invalidArg "spec" $"{layer}: the spec mixes no statistics."
+
+        Checks.floatingInput layer x
+        let numFeatures =
+            match p.Weight with
+            | Some w -> w.shape[0]
+            | None ->
+                match running with
+                | Some r -> r.Mean.shape[0]
+                | None -> x.shape[if x.dim () >= 2L then 1 else 0]
+
+        Checks.channels layer numFeatures x
+
+        for (what, t) in
+            [ yield "mean_weight", p.MeanLogits
+              yield "var_weight", p.VarLogits
+              match p.Weight with
+              | Some w -> yield "weight", w
+              | None -> ()
+              match p.Bias with
+              | Some b -> yield "bias", b
+              | None -> ()
+              match running with
+              | Some r ->
+                  yield "running_mean", r.Mean
+                  yield "running_var", r.Var
+              | None -> () ] do
+            Checks.compatible layer what x t
+
+        for (what, t) in [ "mean_weight", p.MeanLogits; "var_weight", p.VarLogits ] do
+            if t.shape <> [| k |] then
+                invalidArg "p" $"{layer}: {what} must have shape [{k}] (one logit per component {spec.Components |> List.map (fun c -> c.ShortName)}); got {Checks.shapeText t.shape}."
+
+        let n = x.shape[0]
+        let valuesPerChannel = x.numel () / numFeatures
+        let bnFromBatch = spec.UsesBatch && (training || running.IsNone)
+
+        if bnFromBatch && valuesPerChannel <= 1L then
+            invalidArg
+                "input"
+                $"{layer}: expected more than 1 value per channel when using batch statistics (training, or no running statistics); got input shape {Checks.shapeText x.shape}, so N × spatial = {valuesPerChannel}. Use a larger batch or set using_bn = false."
+
+        use scope = torch.NewDisposeScope()
+        let origDtype = x.dtype
+
+        let cd =
+            if Checks.isHalf origDtype then
+                torch.ScalarType.Float32
+            else
+                origDtype
+
+        let x3 = x.reshape (n, numFeatures, -1L)
+        let x3 = if x3.dtype = cd then x3 else x3.to_type cd
+        let inst = Moments.ofRows x3
+
+        let bnMoments = if bnFromBatch then Some(Moments.reduce 0L inst) else None
+
+        let bnStats =
+            match bnMoments, running with
+            | Some b, _ -> b.Mean, Moments.variance b
+            | None, Some r -> (r.Mean.to_type cd).view (1L, -1L), (r.Var.to_type cd).view (1L, -1L)
+            | None, None -> failwith "unreachable: BN without batch or running statistics"
+
+        let stats = spec.Components |> List.map (fun comp -> statistic inst comp bnStats)
+        let wMean = spec.Switch(p.MeanLogits.to_type cd)
+        let wVar = spec.Switch(p.VarLogits.to_type cd)
+        let mean = Mixing.mix wMean (stats |> List.map fst)
+        let var = Mixing.mix wVar (stats |> List.map snd)
+        let invStd = (var + spec.Eps).rsqrt ()
+        // Mixing [N, C], [N, 1] and [1, C] statistics always broadcasts to [N, C].
+        let invStd = invStd.expand (n, numFeatures)
+
+        let scale =
+            match p.Weight with
+            | Some w -> invStd * (w.to_type cd).view (1L, -1L)
+            | None -> invStd
+
+        let shift =
+            match p.Bias with
+            | Some b -> (b.to_type cd).view (1L, -1L) - mean * scale
+            | None -> -(mean * scale)
+
+        let y3 = torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
+        let y = y3.view (x.shape)
+        let y = if y.dtype = origDtype then y else y.to_type origDtype
+
+        let newRunning =
+            match running, bnMoments with
+            | Some r, Some b when training ->
+                use _ = torch.no_grad ()
+                let tracked = r.BatchesTracked + 1L
+
+                let f =
+                    match spec.Momentum with
+                    | Some m -> m
+                    | None -> 1.0 / float tracked
+
+                let bMean = b.Mean.detach().view(-1L).to_type r.Mean.dtype
+                let bVar = (Moments.unbiasedVariance b).detach().view(-1L).to_type r.Var.dtype
+                let m' = r.Mean * (1.0 - f) + bMean * f
+                let v' = r.Var * (1.0 - f) + bVar * f
+
+                Some
+                    { Mean = m'.MoveToOuterDisposeScope()
+                      Var = v'.MoveToOuterDisposeScope()
+                      BatchesTracked = tracked }
+            | _ -> running
+
+        let batchMoments =
+            bnMoments
+            |> Option.map (fun b ->
+                let d = Moments.detach b
+
+                { d with
+                    Mean = d.Mean.MoveToOuterDisposeScope()
+                    M2 = d.M2.MoveToOuterDisposeScope() })
+
+        { Output = y.MoveToOuterDisposeScope()
+          Running = newRunning
+          BatchMoments = batchMoments }

@@ -1,2 +1,0 @@
-namespace SwitchNorm
-module Placeholder = let x = 1

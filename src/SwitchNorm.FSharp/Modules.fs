@@ -1,0 +1,310 @@
+namespace SwitchNorm
+
+open System
+open System.Runtime.InteropServices
+open TorchSharp
+open TorchSharp.Modules
+
+/// <summary>
+/// Switchable Normalization as a TorchSharp module (Luo et al., "Differentiable Learning-to-Normalize via
+/// Switchable Normalization", ICLR 2019). One implementation for every dimension count: the 1d/2d/3d classes
+/// differ only in the input rank they accept.
+/// </summary>
+/// <remarks>
+/// Parameters: <c>weight</c> [C] and <c>bias</c> [C] (when affine), <c>mean_weight</c> [K] and
+/// <c>var_weight</c> [K], the mixture logits, starting at ones as in the paper (K = 3, order [IN, LN, BN];
+/// K = 2 without BN). Buffers (when track_running_stats): <c>running_mean</c> [C], <c>running_var</c> [C],
+/// <c>num_batches_tracked</c> (int64), named as in BatchNorm so a BatchNorm checkpoint's keys are a subset
+/// of ours. The running statistics are buffers, not parameters: they are averages of the data, not subject
+/// to gradient-based optimization.
+/// </remarks>
+[<AbstractClass>]
+type SwitchNormNd
+    internal
+    (
+        layerName: string,
+        acceptedRanks: int list,
+        shapeText: string,
+        spec: NormSpec,
+        numFeatures: int64,
+        affine: bool,
+        trackRunningStats: bool,
+        lastGamma: bool,
+        device: torch.Device,
+        dtype: Nullable<torch.ScalarType>
+    ) as this =
+    inherit torch.nn.Module<torch.Tensor, torch.Tensor>(layerName)
+
+    let mutable spec = spec
+    let k = int64 (List.length spec.Components)
+    let dt = if dtype.HasValue then dtype.Value else torch.get_default_dtype ()
+
+    do
+        Checks.constructorArgs layerName numFeatures spec.Eps (Option.toNullable spec.Momentum)
+
+        if not (Checks.isFloating dt) then
+            raise (ArgumentException($"{layerName}: dtype must be a floating-point type; got {dt}.", "dtype"))
+
+        // Built tensors must outlive any dispose scope the caller has open (register_* does not detach).
+        let keep (t: torch.Tensor) = t.DetachFromDisposeScope()
+
+        if affine then
+            let w =
+                if lastGamma then
+                    torch.zeros (numFeatures, dtype = dt, device = device)
+                else
+                    torch.ones (numFeatures, dtype = dt, device = device)
+
+            this.register_parameter ("weight", keep (new Parameter(w)) :?> Parameter)
+            this.register_parameter ("bias", keep (new Parameter(torch.zeros (numFeatures, dtype = dt, device = device))) :?> Parameter)
+
+        this.register_parameter ("mean_weight", keep (new Parameter(torch.ones (k, dtype = dt, device = device))) :?> Parameter)
+        this.register_parameter ("var_weight", keep (new Parameter(torch.ones (k, dtype = dt, device = device))) :?> Parameter)
+
+        if trackRunningStats then
+            this.register_buffer ("running_mean", keep (torch.zeros (numFeatures, dtype = dt, device = device)))
+            this.register_buffer ("running_var", keep (torch.ones (numFeatures, dtype = dt, device = device)))
+            // int64 whatever the dtype, as PyTorch's BatchNorm keeps it
+            this.register_buffer ("num_batches_tracked", keep (torch.tensor (0L, dtype = torch.ScalarType.Int64, device = device)))
+
+    let mutable accumulator: Moments option = None
+    let mutable recalibrating = false
+
+    /// The layer's name in messages, e.g. "SwitchNorm2d".
+    member _.LayerName = layerName
+
+    /// Number of channels C.
+    member _.num_features = numFeatures
+
+    /// Added to the mixed variance before the square root.
+    member _.eps = spec.Eps
+
+    /// Running-average factor of the BN statistics (default 0.1); null means a cumulative average, as with
+    /// TorchSharp's BatchNorm, whose constructor also takes a plain double and whose property may be set to null.
+    member _.momentum
+        with get () = Option.toNullable spec.Momentum
+        and set (v: Nullable<float>) =
+            Checks.constructorArgs layerName numFeatures spec.Eps v
+            spec <- { spec with Momentum = Option.ofNullable v }
+
+    /// Whether the layer has a per-channel weight and bias.
+    member _.affine = affine
+
+    /// Whether the BN component keeps running statistics.
+    member _.track_running_stats = trackRunningStats
+
+    /// Whether the BN component is mixed in.
+    member _.using_bn = spec.UsesBatch
+
+    /// Whether the weight started at zero (the last norm of a residual block).
+    member _.last_gamma = lastGamma
+
+    /// Short names of the mixed statistics, in logit order: ["IN"; "LN"; "BN"] or ["IN"; "LN"].
+    member _.Components = spec.Components |> List.map (fun c -> c.ShortName) |> Array.ofList
+
+    // The properties below share their names with the registered parameters and buffers, as in TorchSharp's
+    // NormBase: Module.to() replaces tensors through such properties, so each has a setter that re-registers.
+
+    /// Per-channel scale γ, or null when not affine.
+    member this.weight
+        with get (): Parameter = this.get_parameter "weight"
+        and set (v: Parameter) = this.ConditionallyRegisterParameter("weight", v)
+
+    /// Per-channel shift β, or null when not affine.
+    member this.bias
+        with get (): Parameter = this.get_parameter "bias"
+        and set (v: Parameter) = this.ConditionallyRegisterParameter("bias", v)
+
+    /// Logits of the mean mixture, shape [K].
+    member this.mean_weight
+        with get (): Parameter = this.get_parameter "mean_weight"
+        and set (v: Parameter) = this.ConditionallyRegisterParameter("mean_weight", v)
+
+    /// Logits of the variance mixture, shape [K].
+    member this.var_weight
+        with get (): Parameter = this.get_parameter "var_weight"
+        and set (v: Parameter) = this.ConditionallyRegisterParameter("var_weight", v)
+
+    /// Running mean of the BN component, or null when not tracked.
+    member this.running_mean
+        with get (): torch.Tensor = this.get_buffer "running_mean"
+        and set (v: torch.Tensor) = this.ConditionallyRegisterBuffer("running_mean", v)
+
+    /// Running unbiased variance of the BN component, or null when not tracked.
+    member this.running_var
+        with get (): torch.Tensor = this.get_buffer "running_var"
+        and set (v: torch.Tensor) = this.ConditionallyRegisterBuffer("running_var", v)
+
+    /// Number of training batches averaged into the running statistics (int64 scalar), or null when not tracked.
+    member this.num_batches_tracked
+        with get (): torch.Tensor = this.get_buffer "num_batches_tracked"
+        and set (v: torch.Tensor) = this.ConditionallyRegisterBuffer("num_batches_tracked", v)
+
+    /// The mean mixture: the switch applied to mean_weight, as doubles in component order.
+    member this.MeanMixture: float[] =
+        use _ = torch.no_grad ()
+        use w = spec.Switch(this.mean_weight.detach().to_type torch.ScalarType.Float64)
+        w.data<float>().ToArray()
+
+    /// The variance mixture: the switch applied to var_weight, as doubles in component order.
+    member this.VarMixture: float[] =
+        use _ = torch.no_grad ()
+        use w = spec.Switch(this.var_weight.detach().to_type torch.ScalarType.Float64)
+        w.data<float>().ToArray()
+
+    member internal _.Spec = spec
+
+    member internal this.Params: NormParams =
+        { Weight = if affine then Some(this.get_parameter "weight" :> torch.Tensor) else None
+          Bias = if affine then Some(this.get_parameter "bias" :> torch.Tensor) else None
+          MeanLogits = this.get_parameter "mean_weight"
+          VarLogits = this.get_parameter "var_weight" }
+
+    member internal this.Running: RunningStats option =
+        if trackRunningStats then
+            Some
+                { Mean = this.get_buffer "running_mean"
+                  Var = this.get_buffer "running_var"
+                  BatchesTracked = this.get_buffer("num_batches_tracked").item<int64> () }
+        else
+            None
+
+    /// Starts collecting the exact BN moments of every training batch instead of updating running statistics.
+    member internal _.BeginRecalibration() =
+        accumulator <- None
+        recalibrating <- true
+
+    /// Stops collecting and returns the merged moments (None when no batch was seen).
+    member internal _.EndRecalibration() =
+        recalibrating <- false
+        let a = accumulator
+        accumulator <- None
+        a
+
+    /// Checks the input's rank against the ranks this class accepts.
+    member _.CheckRank(x: torch.Tensor) =
+        if not (List.contains (int (x.dim ())) acceptedRanks) then
+            raise (
+                ArgumentException(
+                    $"{layerName} expects {shapeText}; got shape {Checks.shapeText x.shape} ({x.dim ()}-D).",
+                    "input"
+                )
+            )
+
+    /// <summary>Normalizes x; in training mode also updates the BN running statistics.</summary>
+    override this.forward(x: torch.Tensor) : torch.Tensor =
+        this.CheckRank x
+        let running = if recalibrating then None else this.Running
+        let result = Functional.forward layerName spec this.Params running this.training x
+
+        if recalibrating then
+            match result.BatchMoments with
+            | Some b ->
+                accumulator <-
+                    match accumulator with
+                    | None -> Some b
+                    | Some a ->
+                        let merged = Moments.merge a b
+                        // keep the merged tensors alive outside any caller's dispose scope
+                        Some
+                            { merged with
+                                Mean = merged.Mean.DetachFromDisposeScope()
+                                M2 = merged.M2.DetachFromDisposeScope() }
+            | None -> ()
+        else
+            match running, result.Running with
+            | Some before, Some after when not (obj.ReferenceEquals(before, after)) ->
+                use _ = torch.no_grad ()
+                this.running_mean.copy_ (after.Mean) |> ignore
+                this.running_var.copy_ (after.Var) |> ignore
+                this.num_batches_tracked.fill_ (after.BatchesTracked) |> ignore
+                after.Mean.Dispose()
+                after.Var.Dispose()
+            | _ -> ()
+
+        result.Output
+
+/// <summary>Switchable Normalization over (N, C) or (N, C, L) inputs; a (N, C) input counts as (N, C, 1),
+/// so its IN mean is x and its IN variance 0. Same parameters as torch.nn.BatchNorm1d, plus using_bn and
+/// last_gamma.</summary>
+type SwitchNorm1d
+    (
+        num_features: int64,
+        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
+        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(true)>] affine: bool,
+        [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
+        [<Optional>] device: torch.Device,
+        [<Optional>] dtype: Nullable<torch.ScalarType>,
+        [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+    ) =
+    inherit
+        SwitchNormNd(
+            "SwitchNorm1d",
+            [ 2; 3 ],
+            "a 2-D (N, C) or 3-D (N, C, L) input",
+            NormSpec.Create(using_bn, eps, Nullable momentum),
+            num_features,
+            affine,
+            track_running_stats,
+            last_gamma,
+            device,
+            dtype
+        )
+
+/// <summary>Switchable Normalization over (N, C, H, W) inputs: a drop-in for torch.nn.BatchNorm2d, with the same
+/// parameters plus using_bn (false drops the BN component) and last_gamma (weight starts at 0).</summary>
+type SwitchNorm2d
+    (
+        num_features: int64,
+        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
+        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(true)>] affine: bool,
+        [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
+        [<Optional>] device: torch.Device,
+        [<Optional>] dtype: Nullable<torch.ScalarType>,
+        [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+    ) =
+    inherit
+        SwitchNormNd(
+            "SwitchNorm2d",
+            [ 4 ],
+            "a 4-D input (N, C, H, W)",
+            NormSpec.Create(using_bn, eps, Nullable momentum),
+            num_features,
+            affine,
+            track_running_stats,
+            last_gamma,
+            device,
+            dtype
+        )
+
+/// <summary>Switchable Normalization over (N, C, D, H, W) inputs; same parameters as torch.nn.BatchNorm3d, plus
+/// using_bn and last_gamma.</summary>
+type SwitchNorm3d
+    (
+        num_features: int64,
+        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
+        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(true)>] affine: bool,
+        [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
+        [<Optional>] device: torch.Device,
+        [<Optional>] dtype: Nullable<torch.ScalarType>,
+        [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+    ) =
+    inherit
+        SwitchNormNd(
+            "SwitchNorm3d",
+            [ 5 ],
+            "a 5-D input (N, C, D, H, W)",
+            NormSpec.Create(using_bn, eps, Nullable momentum),
+            num_features,
+            affine,
+            track_running_stats,
+            last_gamma,
+            device,
+            dtype
+        )

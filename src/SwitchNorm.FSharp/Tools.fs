@@ -1,0 +1,341 @@
+namespace SwitchNorm
+
+open System
+open System.Collections.Generic
+open System.IO
+open System.Reflection
+open TorchSharp
+
+/// The learned mixture of one switchable normalizer in a model.
+type MixtureInfo =
+    {
+        /// The module's dotted name in the model ("" for the model itself).
+        Name: string
+        /// Short names of the mixed statistics, in order ("IN", "LN", "BN").
+        Components: string[]
+        /// Softmaxed mean weights, one per component.
+        Mean: float[]
+        /// Softmaxed variance weights, one per component.
+        Var: float[]
+    }
+
+/// How <c>Convert.batchNorm</c> initialises the mixture logits of the new layers.
+type LogitInit =
+    /// All logits 1, as in the paper: a uniform mixture.
+    | Uniform = 0
+    /// BN's logits raised by a margin, so a pretrained network keeps (nearly) its function at first.
+    | BatchLeaning = 1
+
+/// Reading the learned mixtures of a model.
+[<RequireQualifiedAccess>]
+module Mixture =
+
+    /// Every switchable normalizer in the model (the model itself included), with its dotted name.
+    [<CompiledName("Modules")>]
+    let modules (model: torch.nn.Module) : (string * SwitchNormNd) list =
+        [ match model with
+          | :? SwitchNormNd as s -> yield "", s
+          | _ -> ()
+          for struct (name, m) in model.named_modules () do
+              match m with
+              | :? SwitchNormNd as s -> yield name, s
+              | _ -> () ]
+
+    /// The learned mean and variance mixtures of every switchable normalizer in the model, by module name.
+    [<CompiledName("OfModel")>]
+    let ofModel (model: torch.nn.Module) : MixtureInfo[] =
+        modules model
+        |> List.map (fun (name, s) ->
+            { Name = name
+              Components = s.Components
+              Mean = s.MeanMixture
+              Var = s.VarMixture })
+        |> Array.ofList
+
+    /// A plain-text table of the mixtures: one line per layer, "name  mean[IN LN BN]  var[IN LN BN]".
+    [<CompiledName("Format")>]
+    let format (mixtures: MixtureInfo seq) =
+        let fmt (w: float[]) = String.Join(" ", w |> Array.map (fun v -> v.ToString("0.000")))
+
+        [ for m in mixtures ->
+              let comps = String.Join(" ", m.Components)
+              let name = if m.Name = "" then "(model)" else m.Name
+              $"{name, -24} mean[{comps}] = {fmt m.Mean}   var[{comps}] = {fmt m.Var}" ]
+        |> String.concat Environment.NewLine
+
+/// Model surgery: BatchNorm → SwitchNorm.
+[<RequireQualifiedAccess>]
+module Convert =
+
+    let private allFields (t: Type) =
+        let rec go (t: Type) =
+            [ if not (isNull t) && t <> typeof<obj> then
+                  yield! t.GetFields(BindingFlags.Instance ||| BindingFlags.Public ||| BindingFlags.NonPublic ||| BindingFlags.DeclaredOnly)
+                  yield! go t.BaseType ]
+
+        go t
+
+    let private submodulesField =
+        typeof<torch.nn.Module>.GetField("_internal_submodules", BindingFlags.Instance ||| BindingFlags.NonPublic)
+
+    let private sequentialModulesField =
+        typeof<TorchSharp.Modules.Sequential>.GetField("_modules", BindingFlags.Instance ||| BindingFlags.NonPublic)
+
+    /// The SwitchNorm that matches a BatchNorm, carrying over its options, weight, bias, running statistics and counter.
+    let private fromBatchNorm (init: LogitInit) (margin: float) (bn: TorchSharp.Modules.BatchNorm) : SwitchNormNd =
+        let p = bn.weight
+        let dt = if isNull (box p) then bn.running_mean.dtype else p.dtype
+        let dev = if isNull (box p) then bn.running_mean.device else p.device
+
+        let sn: SwitchNormNd =
+            match bn with
+            | :? TorchSharp.Modules.BatchNorm1d ->
+                new SwitchNorm1d(bn.num_features, bn.eps, 0.1, bn.affine, bn.track_running_stats, dev, Nullable dt)
+            | :? TorchSharp.Modules.BatchNorm3d ->
+                new SwitchNorm3d(bn.num_features, bn.eps, 0.1, bn.affine, bn.track_running_stats, dev, Nullable dt)
+            | _ -> new SwitchNorm2d(bn.num_features, bn.eps, 0.1, bn.affine, bn.track_running_stats, dev, Nullable dt)
+
+        sn.momentum <- bn.momentum
+        use _ = torch.no_grad ()
+
+        if bn.affine then
+            sn.weight.copy_ (bn.weight) |> ignore
+            sn.bias.copy_ (bn.bias) |> ignore
+
+        if bn.track_running_stats && not (isNull bn.running_mean) then
+            sn.running_mean.copy_ (bn.running_mean) |> ignore
+            sn.running_var.copy_ (bn.running_var) |> ignore
+            sn.num_batches_tracked.copy_ (bn.num_batches_tracked) |> ignore
+
+        if init = LogitInit.BatchLeaning then
+            // logits [1, 1, 1 + margin]: BN weight = 1 / (1 + 2·exp(−margin)) in both mixtures
+            sn.mean_weight[2L].add_ (margin.ToScalar()) |> ignore
+            sn.var_weight[2L].add_ (margin.ToScalar()) |> ignore
+
+        sn
+
+    /// <summary>
+    /// Replaces every BatchNorm1d/2d/3d in the module tree by the matching SwitchNorm1d/2d/3d, in place, and returns
+    /// the model (or the new layer when the model itself is a BatchNorm). Options, weight, bias, running statistics
+    /// and num_batches_tracked carry over. <paramref name="init"/> picks the starting logits: Uniform (the paper) or
+    /// BatchLeaning, which adds <paramref name="margin"/> to BN's logits (BN weight 1/(1 + 2e^−margin); 0.9991 at the
+    /// default margin 8) so a pretrained network keeps its function at first.
+    /// Children are replaced in the module registry and in any field of the parent that refers to them, so custom
+    /// modules keep working; a field whose declared type cannot hold a SwitchNorm (for example one declared as
+    /// BatchNorm2d) is reported before anything changes.
+    /// </summary>
+    [<CompiledName("BatchNormToSwitchNorm")>]
+    let batchNorm (init: LogitInit) (margin: float) (model: torch.nn.Module) : torch.nn.Module =
+        if not (Double.IsFinite margin) then
+            invalidArg "margin" $"Convert.batchNorm: the BN logit margin must be finite; got {margin}."
+
+        match model with
+        | :? TorchSharp.Modules.BatchNorm as bn -> fromBatchNorm init margin bn :> torch.nn.Module
+        | _ ->
+            // plan every replacement first, so a refusal leaves the model untouched
+            let plan = List<torch.nn.Module * string * TorchSharp.Modules.BatchNorm * FieldInfo list>()
+
+            let rec visit (parent: torch.nn.Module) (path: string) =
+                for struct (name, child) in List.ofSeq (parent.named_children ()) do
+                    let full = if path = "" then name else path + "." + name
+
+                    match child with
+                    | :? TorchSharp.Modules.BatchNorm as bn ->
+                        let fields =
+                            allFields (parent.GetType())
+                            |> List.filter (fun f -> obj.ReferenceEquals(f.GetValue parent, child))
+
+                        for f in fields do
+                            if not (f.FieldType.IsAssignableFrom typeof<SwitchNorm2d>) then
+                                raise (
+                                    InvalidOperationException(
+                                        $"Convert.batchNorm: cannot replace '{full}': field '{f.Name}' of {parent.GetType().Name} is declared as {f.FieldType.Name}; declare it as Module<Tensor, Tensor> (or a base type) to allow the swap."
+                                    )
+                                )
+
+                        plan.Add((parent, name, bn, fields))
+                    | _ -> visit child full
+
+            visit model ""
+
+            for (parent, name, bn, fields) in plan do
+                let sn = fromBatchNorm init margin bn
+
+                match parent with
+                | :? TorchSharp.Modules.Sequential as s ->
+                    let items = sequentialModulesField.GetValue s :?> List<torch.nn.IModule<torch.Tensor, torch.Tensor>>
+                    let i = items.FindIndex(fun m -> obj.ReferenceEquals(m, bn))
+                    items[i] <- sn
+                | _ -> ()
+
+                let dict = submodulesField.GetValue parent
+
+                if not (isNull dict) then
+                    let item = dict.GetType().GetProperty("Item", [| typeof<string> |])
+
+                    if not (isNull item) && not (isNull (item.GetValue(dict, [| box name |]))) then
+                        item.SetValue(dict, sn, [| box name |])
+
+                for f in fields do
+                    f.SetValue(parent, sn)
+
+            model
+
+/// Batch-average recalibration of the BN running statistics (the paper found it better than a moving average).
+[<RequireQualifiedAccess>]
+module Recalibrate =
+
+    /// <summary>
+    /// Runs the model over <paramref name="batches"/> (training-mode statistics, under no_grad) and sets each
+    /// switchable normalizer's running_mean and running_var to the exact mean and unbiased variance of all the values
+    /// its BN component saw, by merging per-batch moments (count, mean, M2). Parameters and num_batches_tracked are
+    /// untouched, and the model's train/eval mode is restored. Layers without BN or without running statistics are
+    /// skipped. Returns the number of batches used.
+    /// </summary>
+    [<CompiledName("BatchAverage")>]
+    let batchAverage (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (batches: torch.Tensor seq) : int =
+        let layers =
+            Mixture.modules model
+            |> List.map snd
+            |> List.filter (fun s -> s.using_bn && s.track_running_stats)
+
+        let wasTraining = model.training
+        let mutable count = 0
+
+        try
+            model.train () |> ignore
+
+            for s in layers do
+                s.BeginRecalibration()
+
+            use _ = torch.no_grad ()
+
+            for b in batches do
+                use scope = torch.NewDisposeScope()
+                model.forward b |> ignore
+                count <- count + 1
+
+            let results = layers |> List.map (fun s -> s, s.EndRecalibration())
+
+            for (s, r) in results do
+                match r with
+                | Some m ->
+                    s.running_mean.copy_ (m.Mean.view -1L) |> ignore
+                    use uv = Moments.unbiasedVariance m
+                    s.running_var.copy_ (uv.view -1L) |> ignore
+                    m.Mean.Dispose()
+                    m.M2.Dispose()
+                | None -> ()
+        finally
+            for s in layers do
+                s.EndRecalibration() |> ignore
+
+            model.train wasTraining |> ignore
+
+        count
+
+/// Loading checkpoints with checks done before anything is written.
+[<RequireQualifiedAccess>]
+module Checkpoint =
+
+    let private decode (r: BinaryReader) : int64 =
+        let mutable result = 0L
+        let mutable shift = 0
+        let mutable go = true
+
+        while go do
+            let b = r.ReadByte()
+            result <- result ||| (int64 (b &&& 0x7Fuy) <<< shift)
+            shift <- shift + 7
+            go <- (b &&& 0x80uy) <> 0uy
+
+            if shift > 63 then
+                raise (InvalidDataException "Checkpoint: malformed length prefix.")
+
+        result
+
+    let private elementSize (t: torch.ScalarType) =
+        match t with
+        | torch.ScalarType.Byte
+        | torch.ScalarType.Int8
+        | torch.ScalarType.Bool -> 1L
+        | torch.ScalarType.Int16
+        | torch.ScalarType.Float16
+        | torch.ScalarType.BFloat16 -> 2L
+        | torch.ScalarType.Int32
+        | torch.ScalarType.Float32 -> 4L
+        | torch.ScalarType.Int64
+        | torch.ScalarType.Float64
+        | torch.ScalarType.ComplexFloat32 -> 8L
+        | torch.ScalarType.ComplexFloat64 -> 16L
+        | other -> raise (InvalidDataException $"Checkpoint: unsupported dtype {other}.")
+
+    /// <summary>
+    /// Reads the entries (name, dtype, shape) of a file written by TorchSharp's <c>Module.save</c>, without loading data.
+    /// </summary>
+    [<CompiledName("ReadEntries")>]
+    let readEntries (path: string) : (string * torch.ScalarType * int64[])[] =
+        if not (File.Exists path) then
+            raise (FileNotFoundException($"Checkpoint: no file at '{path}'.", path))
+
+        use fs = File.OpenRead path
+        use r = new BinaryReader(fs)
+
+        try
+            let n = decode r
+
+            [| for _ in 1L .. n do
+                   let key = r.ReadString()
+                   let dtype: torch.ScalarType = LanguagePrimitives.EnumOfValue(sbyte (decode r))
+                   let ndim = decode r
+                   let shape = [| for _ in 1L .. ndim -> decode r |]
+                   let bytes = (Array.fold (*) 1L shape) * elementSize dtype
+                   fs.Seek(bytes, SeekOrigin.Current) |> ignore
+
+                   if fs.Position > fs.Length then
+                       raise (EndOfStreamException())
+
+                   yield key, dtype, shape |]
+        with
+        | :? EndOfStreamException ->
+            raise (InvalidDataException($"Checkpoint: '{path}' is truncated or not a TorchSharp state dict."))
+
+    /// <summary>
+    /// Loads a checkpoint written by TorchSharp's <c>Module.save</c> into <paramref name="model"/>, after checking
+    /// every key first: keys missing from the file, unexpected keys and mis-shaped or mistyped tensors are all listed
+    /// in one <see cref="T:System.IO.InvalidDataException"/>, and the model is left unchanged. With
+    /// <paramref name="allowMissing"/> true, keys absent from the file keep their current values (for example the
+    /// mixture logits when loading a BatchNorm checkpoint into a converted model).
+    /// </summary>
+    [<CompiledName("Load")>]
+    let load (allowMissing: bool) (path: string) (model: torch.nn.Module) : unit =
+        let entries = readEntries path
+        let sd = model.state_dict ()
+        let fileKeys = entries |> Array.map (fun (k, _, _) -> k) |> Set.ofArray
+        let problems = List<string>()
+
+        for (k, dtype, shape) in entries do
+            match sd.TryGetValue k with
+            | true, t ->
+                if t.shape <> shape then
+                    problems.Add($"'{k}' has shape {Checks.shapeText shape} in the file but {Checks.shapeText t.shape} in the model")
+                elif t.dtype <> dtype then
+                    problems.Add($"'{k}' has dtype {dtype} in the file but {t.dtype} in the model")
+            | _ -> problems.Add($"unexpected key '{k}' (not in the model)")
+
+        let missing = sd.Keys |> Seq.filter (fun k -> not (fileKeys.Contains k)) |> List.ofSeq
+
+        if not allowMissing then
+            for k in missing do
+                problems.Add($"missing key '{k}' (in the model, not in the file)")
+
+        if problems.Count > 0 then
+            raise (
+                InvalidDataException(
+                    $"Checkpoint '{path}' does not match {model.GetType().Name}: "
+                    + String.Join("; ", problems)
+                    + "."
+                )
+            )
+
+        model.load (path, strict = (missing.IsEmpty)) |> ignore
