@@ -80,13 +80,13 @@ module Functional =
     /// <summary>
     /// Per-(n, c), per-n and per-c moments of x, all from one two-pass reduction over x viewed as (N, C, S).
     /// </summary>
-    let private statistic (m: Moments) (comp: Component) (bnStats: torch.Tensor * torch.Tensor) =
+    let private statistic (m: Moments) (comp: Component) (bnStats: unit -> torch.Tensor * torch.Tensor) =
         match comp with
         | Instance -> m.Mean, Moments.variance m
         | Layer ->
             let l = Moments.reduce 1L m
             l.Mean, Moments.variance l
-        | Batch -> bnStats
+        | Batch -> bnStats ()
 
     /// <summary>
     /// Normalizes x of shape (N, C, *spatial):
@@ -167,11 +167,11 @@ module Functional =
 
         let bnMoments = if bnFromBatch then Some(Moments.reduce 0L inst) else None
 
-        let bnStats =
+        let bnStats () =
             match bnMoments, running with
             | Some b, _ -> b.Mean, Moments.variance b
             | None, Some r -> (r.Mean.to_type cd).view (1L, -1L), (r.Var.to_type cd).view (1L, -1L)
-            | None, None -> failwith "unreachable: BN without batch or running statistics"
+            | None, None -> invalidOp "unreachable: BN without batch or running statistics"
 
         let stats = spec.Components |> List.map (fun comp -> statistic inst comp bnStats)
         let wMean = spec.Switch(p.MeanLogits.to_type cd)

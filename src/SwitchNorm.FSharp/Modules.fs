@@ -191,25 +191,43 @@ type SwitchNormNd
                 )
             )
 
+    /// Checks that every parameter and buffer is on the input's device, and the floating ones have a compatible dtype.
+    member this.CheckState(x: torch.Tensor) =
+        Checks.floatingInput layerName x
+
+        for struct (name, p) in this.named_parameters () do
+            Checks.compatible layerName name x p
+
+        for struct (name, b) in this.named_buffers () do
+            if name = "num_batches_tracked" then
+                if b.device.``type`` <> x.device.``type`` || b.device.index <> x.device.index then
+                    raise (ArgumentException($"{layerName}: the input is on device {x.device} but {name} is on {b.device}.", "input"))
+            else
+                Checks.compatible layerName name x b
+
     /// <summary>Normalizes x; in training mode also updates the BN running statistics.</summary>
     override this.forward(x: torch.Tensor) : torch.Tensor =
         this.CheckRank x
+        this.CheckState x
         let running = if recalibrating then None else this.Running
         let result = Functional.forward layerName spec this.Params running this.training x
 
         if recalibrating then
             match result.BatchMoments with
             | Some b ->
+                let keep (m: Moments) =
+                    { m with
+                        Mean = m.Mean.DetachFromDisposeScope()
+                        M2 = m.M2.DetachFromDisposeScope() }
+
                 accumulator <-
                     match accumulator with
-                    | None -> Some b
+                    | None -> Some(keep b)
                     | Some a ->
-                        let merged = Moments.merge a b
-                        // keep the merged tensors alive outside any caller's dispose scope
-                        Some
-                            { merged with
-                                Mean = merged.Mean.DetachFromDisposeScope()
-                                M2 = merged.M2.DetachFromDisposeScope() }
+                        let merged = keep (Moments.merge a b)
+                        a.Mean.Dispose()
+                        a.M2.Dispose()
+                        Some merged
             | None -> ()
         else
             match running, result.Running with

@@ -96,6 +96,7 @@ module Convert =
             | _ -> new SwitchNorm2d(bn.num_features, bn.eps, 0.1, bn.affine, bn.track_running_stats, dev, Nullable dt)
 
         sn.momentum <- bn.momentum
+        sn.train bn.training |> ignore
         use _ = torch.no_grad ()
 
         if bn.affine then
@@ -117,7 +118,7 @@ module Convert =
     /// <summary>
     /// Replaces every BatchNorm1d/2d/3d in the module tree by the matching SwitchNorm1d/2d/3d, in place, and returns
     /// the model (or the new layer when the model itself is a BatchNorm). Options, weight, bias, running statistics
-    /// and num_batches_tracked carry over. <paramref name="init"/> picks the starting logits: Uniform (the paper) or
+    /// num_batches_tracked and the train/eval mode carry over. <paramref name="init"/> picks the starting logits: Uniform (the paper) or
     /// BatchLeaning, which adds <paramref name="margin"/> to BN's logits (BN weight 1/(1 + 2e^−margin); 0.9991 at the
     /// default margin 8) so a pretrained network keeps its function at first.
     /// Children are replaced in the module registry and in any field of the parent that refers to them, so custom
@@ -172,8 +173,9 @@ module Convert =
 
                 if not (isNull dict) then
                     let item = dict.GetType().GetProperty("Item", [| typeof<string> |])
+                    let contains = dict.GetType().GetMethod("ContainsKey", [| typeof<string> |])
 
-                    if not (isNull item) && not (isNull (item.GetValue(dict, [| box name |]))) then
+                    if not (isNull item) && not (isNull contains) && (contains.Invoke(dict, [| box name |]) :?> bool) then
                         item.SetValue(dict, sn, [| box name |])
 
                 for f in fields do

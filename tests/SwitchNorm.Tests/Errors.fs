@@ -1,0 +1,108 @@
+/// Every refused call names what was expected and what arrived, and changes no state.
+module Errors
+
+open System
+open System.IO
+open TorchSharp
+open Xunit
+open SwitchNorm
+open TestUtil
+
+let private snapshot (m: torch.nn.Module) =
+    [ for kv in m.state_dict () -> kv.Key, kv.Value.detach().clone () ]
+
+let private unchanged (before: (string * torch.Tensor) list) (m: torch.nn.Module) =
+    let now = m.state_dict ()
+
+    for (k, v) in before do
+        Assert.True(exactEq v now[k], $"state '{k}' changed")
+
+[<Fact>]
+let ``wrong rank is refused with the expected and actual shapes`` () =
+    let m = new SwitchNorm2d(5L)
+    let before = snapshot m
+    throws<ArgumentException> (fun () -> m.forward (torch.randn (3L, 5L)) |> box) [ "SwitchNorm2d expects a 4-D input (N, C, H, W)"; "[3, 5]" ]
+    throws<ArgumentException> (fun () -> (new SwitchNorm1d(5L)).forward (torch.randn (2L, 5L, 3L, 3L)) |> box) [ "SwitchNorm1d"; "[2, 5, 3, 3]" ]
+    throws<ArgumentException> (fun () -> (new SwitchNorm3d(5L)).forward (torch.randn (2L, 5L, 3L, 3L)) |> box) [ "5-D"; "[2, 5, 3, 3]" ]
+    unchanged before m
+
+[<Fact>]
+let ``wrong channel count is refused`` () =
+    let m = new SwitchNorm2d(5L)
+    let before = snapshot m
+    throws<ArgumentException> (fun () -> m.forward (torch.randn (2L, 4L, 3L, 3L)) |> box) [ "5 channels"; "got 4"; "[2, 4, 3, 3]" ]
+    unchanged before m
+
+[<Fact>]
+let ``bad constructor arguments are refused`` () =
+    throws<ArgumentOutOfRangeException> (fun () -> new SwitchNorm2d(0L) |> box) [ "num_features must be positive; got 0" ]
+    throws<ArgumentOutOfRangeException> (fun () -> new SwitchNorm2d(-3L) |> box) [ "got -3" ]
+    throws<ArgumentOutOfRangeException> (fun () -> new SwitchNorm2d(3L, eps = 0.0) |> box) [ "eps must be a positive"; "got 0" ]
+    throws<ArgumentOutOfRangeException> (fun () -> new SwitchNorm2d(3L, eps = -1e-5) |> box) [ "eps" ]
+    throws<ArgumentOutOfRangeException> (fun () -> new SwitchNorm2d(3L, momentum = 1.5) |> box) [ "momentum must lie in [0, 1]"; "1.5" ]
+    throws<ArgumentOutOfRangeException> (fun () -> new SwitchNorm2d(3L, momentum = -0.1) |> box) [ "momentum" ]
+    throws<ArgumentOutOfRangeException> (fun () -> new SwitchNorm2d(3L, momentum = nan) |> box) [ "momentum" ]
+    throws<ArgumentException> (fun () -> new SwitchNorm2d(3L, dtype = torch.ScalarType.Int32) |> box) [ "floating-point"; "Int32" ]
+
+[<Fact>]
+let ``one value per channel in training with BN is refused and changes nothing`` () =
+    let m = new SwitchNorm2d(3L)
+    let before = snapshot m
+    throws<ArgumentException> (fun () -> m.forward (torch.randn (1L, 3L, 1L, 1L)) |> box) [ "more than 1 value per channel"; "[1, 3, 1, 1]"; "using_bn" ]
+    unchanged before m
+    Assert.Equal(0L, m.num_batches_tracked.item<int64> ())
+    let m1 = new SwitchNorm1d(3L)
+    throws<ArgumentException> (fun () -> m1.forward (torch.randn (1L, 3L)) |> box) [ "N × spatial = 1" ]
+    // without BN it is allowed; in eval BN uses running statistics, so it is allowed too
+    let noBn = new SwitchNorm2d(3L, using_bn = false)
+    Assert.Equal<int64[]>([| 1L; 3L; 1L; 1L |], (noBn.forward (torch.randn (1L, 3L, 1L, 1L))).shape)
+    m.eval () |> ignore
+    Assert.Equal<int64[]>([| 1L; 3L; 1L; 1L |], (m.forward (torch.randn (1L, 3L, 1L, 1L))).shape)
+
+[<Fact>]
+let ``dtype mismatch and non-float input are refused`` () =
+    let m = new SwitchNorm2d(3L)
+    let before = snapshot m
+    throws<ArgumentException> (fun () -> m.forward (torch.randn (2L, 3L, 2L, 2L, dtype = torch.ScalarType.Float64)) |> box) [ "Float64"; "Float32" ]
+    throws<ArgumentException> (fun () -> m.forward (torch.ones (2L, 3L, 2L, 2L, dtype = torch.ScalarType.Int64)) |> box) [ "floating-point"; "Int64" ]
+    unchanged before m
+
+[<Fact>]
+let ``device mismatch is refused`` () =
+    // Only a CPU backend is available here, so a mismatch is staged with a meta-device parameter.
+    let m = new SwitchNorm2d(3L, device = torch.Device("meta"))
+    throws<ArgumentException> (fun () -> m.forward (torch.randn (2L, 3L, 2L, 2L)) |> box) [ "device"; "cpu"; "meta" ]
+
+[<Fact>]
+let ``checkpoints with missing, unexpected or mis-shaped keys are refused and leave the module unchanged`` () =
+    let dir = Directory.CreateTempSubdirectory("switchnorm-ckpt").FullName
+
+    try
+        let m = new SwitchNorm2d(3L)
+        let before = snapshot m
+        // mis-shaped: 4 channels
+        let p4 = Path.Combine(dir, "c4.bin")
+        (new SwitchNorm2d(4L)).save p4 |> ignore
+        throws<InvalidDataException> (fun () -> Checkpoint.load false p4 m |> box) [ "'weight' has shape [4]"; "[3]" ]
+        // missing keys: a BatchNorm2d checkpoint lacks the logits
+        let pbn = Path.Combine(dir, "bn.bin")
+        let bn = torch.nn.BatchNorm2d(3L)
+        bn.save pbn |> ignore
+        throws<InvalidDataException> (fun () -> Checkpoint.load false pbn m |> box) [ "missing key 'mean_weight'"; "missing key 'var_weight'" ]
+        // unexpected key: a SwitchNorm checkpoint into a BatchNorm2d
+        let psn = Path.Combine(dir, "sn.bin")
+        m.save psn |> ignore
+        throws<InvalidDataException> (fun () -> Checkpoint.load false psn bn |> box) [ "unexpected key 'mean_weight'" ]
+        // not a checkpoint at all
+        let junk = Path.Combine(dir, "junk.bin")
+        File.WriteAllBytes(junk, [| 5uy; 1uy; 2uy |])
+        throws<InvalidDataException> (fun () -> Checkpoint.load false junk m |> box) [ "junk.bin" ]
+        unchanged before m
+        // allowMissing: the BatchNorm checkpoint loads into the SwitchNorm and keeps the logits
+        use _ = torch.no_grad ()
+        bn.running_mean.fill_ (2.5) |> ignore
+        bn.save pbn |> ignore
+        Checkpoint.load true pbn m
+        Assert.Equal(2.5f, m.running_mean[0L].item<float32> ())
+    finally
+        Directory.Delete(dir, true)

@@ -1,0 +1,140 @@
+/// FsCheck properties over random shapes (batch and spatial sizes including 1), logits and seeds. The same
+/// properties run under FsCheck.Xunit ([<Property>]) and in an Expecto tree (Expecto.FsCheck), bridged into
+/// `dotnet test` by one fact. A failing property prints FsCheck's replay seed and the shrunk case.
+module Properties
+
+open System
+open FsCheck
+open FsCheck.FSharp
+open global.FsCheck.Xunit
+open TorchSharp
+open global.Xunit
+open SwitchNorm
+
+let private f64 = torch.ScalarType.Float64
+
+/// A 2d input shape (N, C, H, W) with every size in 1..4 and N × H × W > 1 (trainable with BN).
+type Shape4 =
+    | Shape4 of int64[]
+
+    override this.ToString() =
+        let (Shape4 s) = this
+        Checks.shapeText s
+
+/// A logit vector of length 3: random, extreme (±30), all equal, or exactly one-hot.
+type Logits3 = Logits3 of float[]
+
+type Arbs =
+    static member Shape4() : Arbitrary<Shape4> =
+        gen {
+            let! n = Gen.choose (1, 4)
+            let! c = Gen.choose (1, 4)
+            let! h = Gen.choose (1, 4)
+            let! w = Gen.choose (1, 4)
+            return [| int64 n; int64 c; int64 h; int64 w |]
+        }
+        |> Gen.filter (fun s -> s[0] * s[2] * s[3] > 1L)
+        |> Gen.map Shape4
+        |> Arb.fromGen
+
+    static member Logits3() : Arbitrary<Logits3> =
+        let normal = Gen.arrayOfLength 3 (Gen.choose (-4000, 4000) |> Gen.map (fun i -> float i / 1000.0))
+        let extreme = Gen.arrayOfLength 3 (Gen.elements [ -30.0; 30.0; 0.0 ])
+        let equal = Gen.elements [ -5.0; 0.0; 1.0; 30.0 ] |> Gen.map (Array.create 3)
+        let oneHot = Gen.choose (0, 2) |> Gen.map (fun k -> Array.init 3 (fun i -> if i = k then 0.0 else -1e4))
+        Gen.oneof [ normal; extreme; equal; oneHot ] |> Gen.map Logits3 |> Arb.fromGen
+
+let private input (Shape4 s) (seed: int) =
+    torch.random.manual_seed (int64 seed) |> ignore
+    torch.randn (s, dtype = f64) * 3.0 + 1.0
+
+let private layer (c: int64) (Logits3 lm) (Logits3 lv) =
+    let m = new SwitchNorm2d(c, dtype = f64)
+    use _ = torch.no_grad ()
+    m.mean_weight.copy_ (torch.tensor (lm, dtype = f64)) |> ignore
+    m.var_weight.copy_ (torch.tensor (lv, dtype = f64)) |> ignore
+    m
+
+let private close (atol: float) (a: torch.Tensor) (b: torch.Tensor) =
+    a.shape = b.shape && torch.allclose (a, b, rtol = 0.0, atol = atol)
+
+/// Softmax weights are non-negative, sum to 1 within float64 rounding, and never NaN.
+let convexWeights (Logits3 l) =
+    let w = Mixing.softmax (torch.tensor (l, dtype = f64))
+    let a = w.data<float>().ToArray()
+    a |> Array.forall (fun v -> v >= 0.0 && not (Double.IsNaN v)) && abs (Array.sum a - 1.0) < 1e-12
+
+/// Merging the moments of two parts of a batch equals the moments of the whole batch.
+let mergeEqualsWhole (Shape4 s) (seed: int) (cut: PositiveInt) =
+    let x = input (Shape4 s) seed
+    let x3 = x.reshape (s[0], s[1], -1L)
+    let whole = Moments.reduce 0L (Moments.ofRows x3)
+    let rows = x3.transpose(0L, 1L).reshape (1L, s[1], -1L) // [1, C, N·S]: each channel one row
+    let len = rows.shape[2]
+    let k = 1L + int64 cut.Get % (len - 1L)
+    let a = Moments.ofRows (rows.narrow (2L, 0L, k))
+    let b = Moments.ofRows (rows.narrow (2L, k, len - k))
+    let m = Moments.merge a b
+    m.Count = whole.Count && close 1e-10 m.Mean whole.Mean && close 1e-8 m.M2 whole.M2
+
+/// Adding one constant to the whole input leaves the output unchanged.
+let translationInvariant (Shape4 s) (seed: int) (lm: Logits3) (lv: Logits3) =
+    let x = input (Shape4 s) seed
+    let m = layer s[1] lm lv
+    close 1e-8 (m.forward x) (m.forward (x + 123.25))
+
+/// In training, permuting the batch permutes the output.
+let batchPermutationEquivariant (Shape4 s) (seed: int) (lm: Logits3) (lv: Logits3) =
+    let x = input (Shape4 s) seed
+    let m = layer s[1] lm lv
+    let perm = torch.randperm (s[0])
+    close 1e-10 (m.forward (x.index_select (0L, perm))) ((m.forward x).index_select (0L, perm))
+
+/// IN-only with weight 1 and bias 0: every (n, c) slice has mean 0 and variance var/(var + eps).
+let instanceSlicesNormalized (Shape4 s) (seed: int) =
+    let x = input (Shape4 s) seed
+    let hot = Logits3 [| 0.0; -1e4; -1e4 |]
+    let m = layer s[1] hot hot
+    let y = (m.forward x).reshape (s[0], s[1], -1L)
+    let v = x.reshape(s[0], s[1], -1L).var (2L, unbiased = false)
+    let expected = v / (v + 1e-5)
+    close 1e-10 (y.mean [| 2L |]) (torch.zeros_like v) && close 1e-8 (y.var (2L, unbiased = false)) expected
+
+[<Properties(Arbitrary = [| typeof<Arbs> |], MaxTest = 60)>]
+module XunitRunner =
+    [<Property>]
+    let ``convex weights`` l = convexWeights l
+
+    [<Property>]
+    let ``merge of a split equals the whole`` s seed cut = mergeEqualsWhole s seed cut
+
+    [<Property>]
+    let ``translation invariance`` s seed lm lv = translationInvariant s seed lm lv
+
+    [<Property>]
+    let ``batch permutation equivariance`` s seed lm lv = batchPermutationEquivariant s seed lm lv
+
+    [<Property>]
+    let ``IN slices are normalized`` s seed = instanceSlicesNormalized s seed
+
+module ExpectoRunner =
+    open Expecto
+
+    let private config =
+        { FsCheckConfig.defaultConfig with
+            arbitrary = [ typeof<Arbs> ]
+            maxTest = 60 }
+
+    let tests =
+        testList
+            "SwitchNorm properties"
+            [ testPropertyWithConfig config "convex weights" convexWeights
+              testPropertyWithConfig config "merge of a split equals the whole" mergeEqualsWhole
+              testPropertyWithConfig config "translation invariance" translationInvariant
+              testPropertyWithConfig config "batch permutation equivariance" batchPermutationEquivariant
+              testPropertyWithConfig config "IN slices are normalized" instanceSlicesNormalized ]
+
+    /// `dotnet test` has no Expecto adapter here, so this fact runs the Expecto tree and requires exit code 0.
+    [<Fact>]
+    let ``Expecto tree passes`` () =
+        Assert.Equal(0, runTestsWithCLIArgs [ CLIArguments.Sequenced ] [||] tests)
