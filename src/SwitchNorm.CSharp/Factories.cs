@@ -1,0 +1,158 @@
+using System;
+using System.Collections.Generic;
+using System.Linq;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace SwitchNorm.CSharp
+{
+    /// <summary>
+    /// TorchSharp-style factories for Switchable Normalization (Luo et al., "Differentiable Learning-to-Normalize via
+    /// Switchable Normalization", ICLR 2019). The parameter lists are those of <c>torch.nn.BatchNorm1d/2d/3d</c>, plus
+    /// <c>using_bn</c> and <c>last_gamma</c>, so switching a model over is a rename:
+    /// <c>using static SwitchNorm.CSharp.nn;</c> then <c>SwitchNorm2d(64)</c> where it said <c>BatchNorm2d(64)</c>.
+    /// </summary>
+    public static class nn
+    {
+        /// <summary>
+        /// Switchable Normalization over (N, C) or (N, C, L) input. mean = Σ softmax(mean_weight)ₖ·meanₖ and
+        /// var = Σ softmax(var_weight)ₖ·varₖ over [IN, LN, BN]; y = (x − mean) / sqrt(var + eps) · weight + bias.
+        /// A (N, C) input counts as (N, C, 1).
+        /// </summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">Running-average factor of the BN statistics, in [0, 1]. Default 0.1; null means a cumulative average.</param>
+        /// <param name="affine">Whether to learn a per-channel weight and bias. Default true.</param>
+        /// <param name="track_running_stats">Whether BN keeps running statistics for eval. Default true.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        public static SwitchNorm1d SwitchNorm1d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
+            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+        {
+            Check(nameof(SwitchNorm1d), num_features, eps, momentum);
+            var m = new global::SwitchNorm.SwitchNorm1d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            m.momentum = momentum;
+            return m;
+        }
+
+        /// <summary>
+        /// Switchable Normalization over (N, C, H, W) input: a drop-in for <c>torch.nn.BatchNorm2d</c>.
+        /// mean = Σ softmax(mean_weight)ₖ·meanₖ and var = Σ softmax(var_weight)ₖ·varₖ over [IN, LN, BN];
+        /// y = (x − mean) / sqrt(var + eps) · weight + bias. In eval, BN uses the running statistics; IN and LN use the input.
+        /// </summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">Running-average factor of the BN statistics, in [0, 1]. Default 0.1; null means a cumulative average.</param>
+        /// <param name="affine">Whether to learn a per-channel weight and bias. Default true.</param>
+        /// <param name="track_running_stats">Whether BN keeps running statistics for eval. Default true.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        public static SwitchNorm2d SwitchNorm2d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
+            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+        {
+            Check(nameof(SwitchNorm2d), num_features, eps, momentum);
+            var m = new global::SwitchNorm.SwitchNorm2d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            m.momentum = momentum;
+            return m;
+        }
+
+        /// <summary>
+        /// Switchable Normalization over (N, C, D, H, W) input: a drop-in for <c>torch.nn.BatchNorm3d</c>.
+        /// Same formula and options as <see cref="SwitchNorm2d"/>.
+        /// </summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">Running-average factor of the BN statistics, in [0, 1]. Default 0.1; null means a cumulative average.</param>
+        /// <param name="affine">Whether to learn a per-channel weight and bias. Default true.</param>
+        /// <param name="track_running_stats">Whether BN keeps running statistics for eval. Default true.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        public static SwitchNorm3d SwitchNorm3d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
+            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+        {
+            Check(nameof(SwitchNorm3d), num_features, eps, momentum);
+            var m = new global::SwitchNorm.SwitchNorm3d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            m.momentum = momentum;
+            return m;
+        }
+
+        private static void Check(string layer, long num_features, double eps, double? momentum) =>
+            global::SwitchNorm.Checks.constructorArgs(layer, num_features, eps, momentum);
+    }
+
+    /// <summary>The learned mixture of one switchable normalizer in a model.</summary>
+    public sealed class LayerMixture
+    {
+        internal LayerMixture(string name, IReadOnlyList<string> components, IReadOnlyList<double> mean, IReadOnlyList<double> variance)
+        {
+            Name = name;
+            Components = components;
+            Mean = mean;
+            Var = variance;
+        }
+
+        /// <summary>The module's dotted name in the model ("" for the model itself).</summary>
+        public string Name { get; }
+
+        /// <summary>Short names of the mixed statistics, in order: "IN", "LN" and (when BN is used) "BN".</summary>
+        public IReadOnlyList<string> Components { get; }
+
+        /// <summary>The softmaxed mean weights, one per component; they sum to 1.</summary>
+        public IReadOnlyList<double> Mean { get; }
+
+        /// <summary>The softmaxed variance weights, one per component; they sum to 1.</summary>
+        public IReadOnlyList<double> Var { get; }
+
+        /// <inheritdoc />
+        public override string ToString() =>
+            $"{(Name.Length == 0 ? "(model)" : Name)}: mean[{string.Join(" ", Components)}] = {string.Join(" ", Mean.Select(v => v.ToString("0.000")))}, " +
+            $"var = {string.Join(" ", Var.Select(v => v.ToString("0.000")))}";
+    }
+
+    /// <summary>Model-level tools: conversion from BatchNorm, batch-average recalibration, mixtures and checkpoints.</summary>
+    public static class SwitchNormTools
+    {
+        /// <summary>
+        /// Replaces every BatchNorm1d/2d/3d in <paramref name="model"/> by the matching SwitchNorm, in place, carrying over
+        /// options, weight, bias, running statistics, num_batches_tracked and the train/eval mode. Returns the model (or the
+        /// new layer when the model itself is a BatchNorm).
+        /// </summary>
+        /// <param name="model">The module tree to convert.</param>
+        /// <param name="init">Starting logits: <see cref="LogitInit.Uniform"/> (the paper) or <see cref="LogitInit.BatchLeaning"/>.</param>
+        /// <param name="bn_logit_margin">With BatchLeaning, how much BN's logits exceed the others: BN weight 1/(1 + 2e^−margin). Default 8 (0.9993).</param>
+        /// <exception cref="InvalidOperationException">A parent's field is declared with a type that cannot hold a SwitchNorm; nothing is changed.</exception>
+        public static torch.nn.Module ConvertBatchNorm(torch.nn.Module model, LogitInit init = LogitInit.Uniform, double bn_logit_margin = 8.0) =>
+            global::SwitchNorm.Convert.BatchNormToSwitchNorm(init, bn_logit_margin, model);
+
+        /// <summary>
+        /// Batch-average recalibration: runs <paramref name="model"/> over <paramref name="batches"/> under no_grad and sets
+        /// each SwitchNorm's running_mean and running_var to the exact mean and unbiased variance of everything its BN
+        /// component saw (merged per-batch moments). Parameters are untouched; the train/eval mode is restored.
+        /// </summary>
+        /// <returns>The number of batches used.</returns>
+        public static int RecalibrateBatchAverage(torch.nn.Module<Tensor, Tensor> model, IEnumerable<Tensor> batches) =>
+            global::SwitchNorm.Recalibrate.BatchAverage(model, batches);
+
+        /// <summary>The learned mean and variance mixtures of every SwitchNorm in the model, by module name.</summary>
+        public static IReadOnlyList<LayerMixture> Mixtures(torch.nn.Module model) =>
+            global::SwitchNorm.Mixture.OfModel(model)
+                .Select(m => new LayerMixture(m.Name, m.Components.ToArray(), m.Mean.ToArray(), m.Var.ToArray()))
+                .ToArray();
+
+        /// <summary>
+        /// Loads a checkpoint written by TorchSharp's <c>Module.save</c> after checking every key: missing, unexpected and
+        /// mis-shaped keys are all reported in one <see cref="System.IO.InvalidDataException"/>, and the model is unchanged.
+        /// </summary>
+        /// <param name="model">The module to load into.</param>
+        /// <param name="path">The checkpoint file.</param>
+        /// <param name="allow_missing">Whether keys absent from the file may keep their values (e.g. a BatchNorm checkpoint into a converted model).</param>
+        public static void LoadCheckpoint(torch.nn.Module model, string path, bool allow_missing = false) =>
+            global::SwitchNorm.Checkpoint.Load(allow_missing, path, model);
+    }
+}
