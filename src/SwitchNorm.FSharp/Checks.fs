@@ -9,8 +9,7 @@ open TorchSharp
 module Checks =
 
     /// Formats a tensor shape as "[2, 3, 4]".
-    let shapeText (shape: int64[]) =
-        "[" + String.Join(", ", shape) + "]"
+    let shapeText (shape: int64[]) = "[" + String.Join(", ", shape) + "]"
 
     /// True for the floating-point dtypes the layer accepts.
     let isFloating (dtype: torch.ScalarType) =
@@ -45,7 +44,12 @@ module Checks =
     /// Checks the input's dtype is floating point.
     let floatingInput (layer: string) (x: torch.Tensor) =
         if not (isFloating x.dtype) then
-            raise (ArgumentException($"{layer} expects a floating-point input (float16, bfloat16, float32 or float64); got {x.dtype}.", "input"))
+            raise (
+                ArgumentException(
+                    $"{layer} expects a floating-point input (float16, bfloat16, float32 or float64); got {x.dtype}.",
+                    "input"
+                )
+            )
 
     /// Checks the input carries numFeatures channels in dimension 1 and has at least two dimensions.
     let channels (layer: string) (numFeatures: int64) (x: torch.Tensor) =
@@ -69,9 +73,7 @@ module Checks =
         if p.device.``type`` <> x.device.``type`` || p.device.index <> x.device.index then
             raise (ArgumentException($"{layer}: the input is on device {x.device} but {what} is on {p.device}.", "input"))
 
-        let ok =
-            p.dtype = x.dtype
-            || (isHalf x.dtype && p.dtype = torch.ScalarType.Float32)
+        let ok = p.dtype = x.dtype || (isHalf x.dtype && p.dtype = torch.ScalarType.Float32)
 
         if not ok then
             raise (

@@ -8,7 +8,16 @@ open TorchSharp
 /// to 5. <see cref="T:SwitchNorm.SwitchNorm2d"/> and its siblings are the paper's spec with a fixed rank.
 /// </summary>
 type SwitchNormLayer
-    internal (spec: NormSpec, numFeatures: int64, affine: bool, trackRunningStats: bool, lastGamma: bool, device: torch.Device, dtype: Nullable<torch.ScalarType>) =
+    internal
+    (
+        spec: NormSpec,
+        numFeatures: int64,
+        affine: bool,
+        trackRunningStats: bool,
+        lastGamma: bool,
+        device: torch.Device,
+        dtype: Nullable<torch.ScalarType>
+    ) =
     inherit
         SwitchNormNd(
             "SwitchNorm",
@@ -80,16 +89,19 @@ module Norm =
     let initParams (spec: NormSpec) (numFeatures: int64) : NormParams =
         let k = int64 (List.length spec.Components)
 
-        { Weight = Some(torch.ones numFeatures)
-          Bias = Some(torch.zeros numFeatures)
-          MeanLogits = torch.ones k
-          VarLogits = torch.ones k }
+        {
+            Weight = Some(torch.ones numFeatures)
+            Bias = Some(torch.zeros numFeatures)
+            MeanLogits = torch.ones k
+            VarLogits = torch.ones k
+        }
 
     /// Fresh running statistics for C channels: mean 0, variance 1, no batch tracked.
-    let initRunning (numFeatures: int64) : RunningStats =
-        { Mean = torch.zeros numFeatures
-          Var = torch.ones numFeatures
-          BatchesTracked = 0L }
+    let initRunning (numFeatures: int64) : RunningStats = {
+        Mean = torch.zeros numFeatures
+        Var = torch.ones numFeatures
+        BatchesTracked = 0L
+    }
 
     /// A module for C channels from a spec: affine, tracking running statistics, default dtype, CPU.
     let layer (spec: NormSpec) (numFeatures: int64) : torch.nn.Module<torch.Tensor, torch.Tensor> =
@@ -100,13 +112,13 @@ module Norm =
 module Layer =
 
     /// Wraps a function as a parameterless module (ocaml-torch's of_fn).
-    let ofFn (name: string) (f: torch.Tensor -> torch.Tensor) : torch.nn.Module<torch.Tensor, torch.Tensor> =
-        new FnLayer(name, f) :> _
+    let ofFn (name: string) (f: torch.Tensor -> torch.Tensor) : torch.nn.Module<torch.Tensor, torch.Tensor> = new FnLayer(name, f) :> _
 
     let private items (m: torch.nn.Module<torch.Tensor, torch.Tensor>) =
         match m with
-        | :? TorchSharp.Modules.Sequential as s ->
-            [ for struct (_, c) in s.named_children () -> c :?> torch.nn.Module<torch.Tensor, torch.Tensor> ]
+        | :? TorchSharp.Modules.Sequential as s -> [
+            for struct (_, c) in s.named_children () -> c :?> torch.nn.Module<torch.Tensor, torch.Tensor>
+          ]
         | _ -> [ m ]
 
     /// A Sequential of the given layers, named "0", "1", ... in order.

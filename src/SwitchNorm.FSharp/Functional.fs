@@ -6,62 +6,63 @@ open TorchSharp
 /// What a switchable normalizer computes, independent of any module: the statistics it mixes, the switch
 /// that turns logits into weights, eps, and the running-average momentum.
 /// </summary>
-type NormSpec =
-    {
-        /// The statistics to mix, in logit order (the paper: [Instance; Layer; Batch]).
-        Components: Component list
-        /// Logits → convex weights (the paper: softmax).
-        Switch: Switch
-        /// Added to the mixed variance before the square root; default 1e-5.
-        Eps: float
-        /// Running-average factor for the BN statistics; None means a cumulative average (BatchNorm's momentum=None).
-        Momentum: float option
-    }
+type NormSpec = {
+    /// The statistics to mix, in logit order (the paper: [Instance; Layer; Batch]).
+    Components: Component list
+    /// Logits → convex weights (the paper: softmax).
+    Switch: Switch
+    /// Added to the mixed variance before the square root; default 1e-5.
+    Eps: float
+    /// Running-average factor for the BN statistics; None means a cumulative average (BatchNorm's momentum=None).
+    Momentum: float option
+} with
 
     /// True when the Batch component is mixed in.
     member this.UsesBatch = List.contains Batch this.Components
 
     /// The paper's spec with the given options: [IN; LN; BN] (or [IN; LN] without BN) and softmax.
-    static member Create(usingBn: bool, eps: float, momentum: System.Nullable<float>) =
-        { Components = if usingBn then [ Instance; Layer; Batch ] else [ Instance; Layer ]
-          Switch = Mixing.softmax
-          Eps = eps
-          Momentum = Option.ofNullable momentum }
+    static member Create(usingBn: bool, eps: float, momentum: System.Nullable<float>) = {
+        Components =
+            if usingBn then
+                [ Instance; Layer; Batch ]
+            else
+                [ Instance; Layer ]
+        Switch = Mixing.softmax
+        Eps = eps
+        Momentum = Option.ofNullable momentum
+    }
 
 /// Learnable parameters of a switchable normalizer.
-type NormParams =
-    {
-        /// Per-channel scale γ [C], or None when not affine.
-        Weight: torch.Tensor option
-        /// Per-channel shift β [C], or None when not affine.
-        Bias: torch.Tensor option
-        /// Logits of the mean mixture [K].
-        MeanLogits: torch.Tensor
-        /// Logits of the variance mixture [K].
-        VarLogits: torch.Tensor
-    }
+type NormParams = {
+    /// Per-channel scale γ [C], or None when not affine.
+    Weight: torch.Tensor option
+    /// Per-channel shift β [C], or None when not affine.
+    Bias: torch.Tensor option
+    /// Logits of the mean mixture [K].
+    MeanLogits: torch.Tensor
+    /// Logits of the variance mixture [K].
+    VarLogits: torch.Tensor
+}
 
 /// BatchNorm-style running statistics of the BN component.
-type RunningStats =
-    {
-        /// Running mean [C].
-        Mean: torch.Tensor
-        /// Running unbiased variance [C].
-        Var: torch.Tensor
-        /// How many training batches have been averaged in.
-        BatchesTracked: int64
-    }
+type RunningStats = {
+    /// Running mean [C].
+    Mean: torch.Tensor
+    /// Running unbiased variance [C].
+    Var: torch.Tensor
+    /// How many training batches have been averaged in.
+    BatchesTracked: int64
+}
 
 /// The result of one call of the functional normalizer.
-type NormResult =
-    {
-        /// The normalized output, same shape and dtype as the input.
-        Output: torch.Tensor
-        /// The running statistics after this call (the given ones when nothing was updated).
-        Running: RunningStats option
-        /// The batch's per-channel moments (shape [1, C], detached) when BN used batch statistics.
-        BatchMoments: Moments option
-    }
+type NormResult = {
+    /// The normalized output, same shape and dtype as the input.
+    Output: torch.Tensor
+    /// The running statistics after this call (the given ones when nothing was updated).
+    Running: RunningStats option
+    /// The batch's per-channel moments (shape [1, C], detached) when BN used batch statistics.
+    BatchMoments: Moments option
+}
 
 /// <summary>
 /// The functional switchable normalizer (Luo et al., "Differentiable Learning-to-Normalize via Switchable
@@ -71,11 +72,12 @@ type NormResult =
 module Functional =
 
     /// The default spec of the paper: [IN; LN; BN], softmax, eps = 1e-5, momentum = 0.1.
-    let paper =
-        { Components = [ Instance; Layer; Batch ]
-          Switch = Mixing.softmax
-          Eps = 1e-5
-          Momentum = Some 0.1 }
+    let paper = {
+        Components = [ Instance; Layer; Batch ]
+        Switch = Mixing.softmax
+        Eps = 1e-5
+        Momentum = Some 0.1
+    }
 
     /// <summary>
     /// Per-(n, c), per-n and per-c moments of x, all from one two-pass reduction over x viewed as (N, C, S).
@@ -106,13 +108,21 @@ module Functional =
     /// <exception cref="T:System.ArgumentException">Bad input: rank, channels, dtype, device, or a training
     /// batch with one value per channel when BN is mixed in.</exception>
     [<CompiledName("Forward")>]
-    let forward (layer: string) (spec: NormSpec) (p: NormParams) (running: RunningStats option) (training: bool) (x: torch.Tensor) : NormResult =
+    let forward
+        (layer: string)
+        (spec: NormSpec)
+        (p: NormParams)
+        (running: RunningStats option)
+        (training: bool)
+        (x: torch.Tensor)
+        : NormResult =
         let k = int64 (List.length spec.Components)
 
         if k = 0L then
             invalidArg "spec" $"{layer}: the spec mixes no statistics."
 
         Checks.floatingInput layer x
+
         let numFeatures =
             match p.Weight with
             | Some w -> w.shape[0]
@@ -124,24 +134,28 @@ module Functional =
         Checks.channels layer numFeatures x
 
         for (what, t) in
-            [ yield "mean_weight", p.MeanLogits
-              yield "var_weight", p.VarLogits
-              match p.Weight with
-              | Some w -> yield "weight", w
-              | None -> ()
-              match p.Bias with
-              | Some b -> yield "bias", b
-              | None -> ()
-              match running with
-              | Some r ->
-                  yield "running_mean", r.Mean
-                  yield "running_var", r.Var
-              | None -> () ] do
+            [
+                yield "mean_weight", p.MeanLogits
+                yield "var_weight", p.VarLogits
+                match p.Weight with
+                | Some w -> yield "weight", w
+                | None -> ()
+                match p.Bias with
+                | Some b -> yield "bias", b
+                | None -> ()
+                match running with
+                | Some r ->
+                    yield "running_mean", r.Mean
+                    yield "running_var", r.Var
+                | None -> ()
+            ] do
             Checks.compatible layer what x t
 
         for (what, t) in [ "mean_weight", p.MeanLogits; "var_weight", p.VarLogits ] do
             if t.shape <> [| k |] then
-                invalidArg "p" $"{layer}: {what} must have shape [{k}] (one logit per component {spec.Components |> List.map (fun c -> c.ShortName)}); got {Checks.shapeText t.shape}."
+                invalidArg
+                    "p"
+                    $"{layer}: {what} must have shape [{k}] (one logit per component {spec.Components |> List.map (fun c -> c.ShortName)}); got {Checks.shapeText t.shape}."
 
         let n = x.shape[0]
         let valuesPerChannel = x.numel () / numFeatures
@@ -212,10 +226,11 @@ module Functional =
                 let m' = r.Mean * (1.0 - f) + bMean * f
                 let v' = r.Var * (1.0 - f) + bVar * f
 
-                Some
-                    { Mean = m'.MoveToOuterDisposeScope()
-                      Var = v'.MoveToOuterDisposeScope()
-                      BatchesTracked = tracked }
+                Some {
+                    Mean = m'.MoveToOuterDisposeScope()
+                    Var = v'.MoveToOuterDisposeScope()
+                    BatchesTracked = tracked
+                }
             | _ -> running
 
         let batchMoments =
@@ -223,10 +238,14 @@ module Functional =
             |> Option.map (fun b ->
                 let d = Moments.detach b
 
-                { d with
-                    Mean = d.Mean.MoveToOuterDisposeScope()
-                    M2 = d.M2.MoveToOuterDisposeScope() })
+                {
+                    d with
+                        Mean = d.Mean.MoveToOuterDisposeScope()
+                        M2 = d.M2.MoveToOuterDisposeScope()
+                })
 
-        { Output = y.MoveToOuterDisposeScope()
-          Running = newRunning
-          BatchMoments = batchMoments }
+        {
+            Output = y.MoveToOuterDisposeScope()
+            Running = newRunning
+            BatchMoments = batchMoments
+        }

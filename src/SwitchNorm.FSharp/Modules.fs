@@ -37,7 +37,12 @@ type SwitchNormNd
 
     let mutable spec = spec
     let k = int64 (List.length spec.Components)
-    let dt = if dtype.HasValue then dtype.Value else torch.get_default_dtype ()
+
+    let dt =
+        if dtype.HasValue then
+            dtype.Value
+        else
+            torch.get_default_dtype ()
 
     do
         Checks.constructorArgs layerName numFeatures spec.Eps (Option.toNullable spec.Momentum)
@@ -85,7 +90,11 @@ type SwitchNormNd
         with get () = Option.toNullable spec.Momentum
         and set (v: Nullable<float>) =
             Checks.constructorArgs layerName numFeatures spec.Eps v
-            spec <- { spec with Momentum = Option.ofNullable v }
+
+            spec <- {
+                spec with
+                    Momentum = Option.ofNullable v
+            }
 
     /// Whether the layer has a per-channel weight and bias.
     member _.affine = affine
@@ -100,7 +109,8 @@ type SwitchNormNd
     member _.last_gamma = lastGamma
 
     /// Short names of the mixed statistics, in logit order: ["IN"; "LN"; "BN"] or ["IN"; "LN"].
-    member _.Components = spec.Components |> List.map (fun c -> c.ShortName) |> Array.ofList
+    member _.Components =
+        spec.Components |> List.map (fun c -> c.ShortName) |> Array.ofList
 
     // The properties below share their names with the registered parameters and buffers, as in TorchSharp's
     // NormBase: Module.to() replaces tensors through such properties, so each has a setter that re-registers.
@@ -154,18 +164,28 @@ type SwitchNormNd
 
     member internal _.Spec = spec
 
-    member internal this.Params: NormParams =
-        { Weight = if affine then Some(this.get_parameter "weight" :> torch.Tensor) else None
-          Bias = if affine then Some(this.get_parameter "bias" :> torch.Tensor) else None
-          MeanLogits = this.get_parameter "mean_weight"
-          VarLogits = this.get_parameter "var_weight" }
+    member internal this.Params: NormParams = {
+        Weight =
+            if affine then
+                Some(this.get_parameter "weight" :> torch.Tensor)
+            else
+                None
+        Bias =
+            if affine then
+                Some(this.get_parameter "bias" :> torch.Tensor)
+            else
+                None
+        MeanLogits = this.get_parameter "mean_weight"
+        VarLogits = this.get_parameter "var_weight"
+    }
 
     member internal this.Running: RunningStats option =
         if trackRunningStats then
-            Some
-                { Mean = this.get_buffer "running_mean"
-                  Var = this.get_buffer "running_var"
-                  BatchesTracked = this.get_buffer("num_batches_tracked").item<int64> () }
+            Some {
+                Mean = this.get_buffer "running_mean"
+                Var = this.get_buffer "running_var"
+                BatchesTracked = this.get_buffer("num_batches_tracked").item<int64> ()
+            }
         else
             None
 
@@ -184,12 +204,7 @@ type SwitchNormNd
     /// Checks the input's rank against the ranks this class accepts.
     member _.CheckRank(x: torch.Tensor) =
         if not (List.contains (int (x.dim ())) acceptedRanks) then
-            raise (
-                ArgumentException(
-                    $"{layerName} expects {shapeText}; got shape {Checks.shapeText x.shape} ({x.dim ()}-D).",
-                    "input"
-                )
-            )
+            raise (ArgumentException($"{layerName} expects {shapeText}; got shape {Checks.shapeText x.shape} ({x.dim ()}-D).", "input"))
 
     /// Checks that every parameter and buffer is on the input's device, and the floating ones have a compatible dtype.
     member this.CheckState(x: torch.Tensor) =
@@ -215,10 +230,11 @@ type SwitchNormNd
         if recalibrating then
             match result.BatchMoments with
             | Some b ->
-                let keep (m: Moments) =
-                    { m with
+                let keep (m: Moments) = {
+                    m with
                         Mean = m.Mean.DetachFromDisposeScope()
-                        M2 = m.M2.DetachFromDisposeScope() }
+                        M2 = m.M2.DetachFromDisposeScope()
+                }
 
                 accumulator <-
                     match accumulator with

@@ -8,15 +8,14 @@ open TorchSharp
 /// Merging two records uses Chan et al.'s parallel update, which stays exact in float32 where
 /// E[x²] − E[x]² would cancel catastrophically on inputs with a large common offset.
 /// </summary>
-type Moments =
-    {
-        /// Number of values behind each entry.
-        Count: float
-        /// Mean of each group.
-        Mean: torch.Tensor
-        /// Sum of squared deviations from the group's mean.
-        M2: torch.Tensor
-    }
+type Moments = {
+    /// Number of values behind each entry.
+    Count: float
+    /// Mean of each group.
+    Mean: torch.Tensor
+    /// Sum of squared deviations from the group's mean.
+    M2: torch.Tensor
+}
 
 /// Pure functions over <see cref="T:SwitchNorm.Moments"/>.
 [<RequireQualifiedAccess>]
@@ -33,7 +32,12 @@ module Moments =
         use centred = x3 - mean
         use sq = centred.square ()
         let m2 = sq.sum ([| 2L |])
-        { Count = float x3.shape[2]; Mean = mean.squeeze (2L); M2 = m2 }
+
+        {
+            Count = float x3.shape[2]
+            Mean = mean.squeeze (2L)
+            M2 = m2
+        }
 
     /// Biased variance M2 / Count (what normalization uses).
     [<CompiledName("Variance")>]
@@ -56,7 +60,12 @@ module Moments =
         use dev2 = dev.square ()
         use between = dev2.sum ([| dim |], keepdim = true)
         use within = m.M2.sum ([| dim |], keepdim = true)
-        { Count = m.Count * k; Mean = mean; M2 = within + between * m.Count }
+
+        {
+            Count = m.Count * k
+            Mean = mean
+            M2 = within + between * m.Count
+        }
 
     /// <summary>
     /// Merges the moments of two disjoint sets of values with matching entry shapes (Chan et al., 1979):
@@ -65,17 +74,27 @@ module Moments =
     /// </summary>
     [<CompiledName("Merge")>]
     let merge (a: Moments) (b: Moments) : Moments =
-        if a.Count = 0.0 then b
-        elif b.Count = 0.0 then a
+        if a.Count = 0.0 then
+            b
+        elif b.Count = 0.0 then
+            a
         else
             let n = a.Count + b.Count
             use delta = b.Mean - a.Mean
             use step = delta * (b.Count / n)
             use d2 = delta.square ()
             use sumM2 = a.M2 + b.M2
-            { Count = n; Mean = a.Mean + step; M2 = sumM2 + d2 * (a.Count * b.Count / n) }
+
+            {
+                Count = n
+                Mean = a.Mean + step
+                M2 = sumM2 + d2 * (a.Count * b.Count / n)
+            }
 
     /// Detaches the tensors from the autograd graph (for statistics kept across steps).
     [<CompiledName("Detach")>]
-    let detach (m: Moments) =
-        { m with Mean = m.Mean.detach (); M2 = m.M2.detach () }
+    let detach (m: Moments) = {
+        m with
+            Mean = m.Mean.detach ()
+            M2 = m.M2.detach ()
+    }

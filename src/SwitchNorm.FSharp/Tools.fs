@@ -7,17 +7,16 @@ open System.Reflection
 open TorchSharp
 
 /// The learned mixture of one switchable normalizer in a model.
-type MixtureInfo =
-    {
-        /// The module's dotted name in the model ("" for the model itself).
-        Name: string
-        /// Short names of the mixed statistics, in order ("IN", "LN", "BN").
-        Components: string[]
-        /// Softmaxed mean weights, one per component.
-        Mean: float[]
-        /// Softmaxed variance weights, one per component.
-        Var: float[]
-    }
+type MixtureInfo = {
+    /// The module's dotted name in the model ("" for the model itself).
+    Name: string
+    /// Short names of the mixed statistics, in order ("IN", "LN", "BN").
+    Components: string[]
+    /// Softmaxed mean weights, one per component.
+    Mean: float[]
+    /// Softmaxed variance weights, one per component.
+    Var: float[]
+}
 
 /// How <c>Convert.batchNorm</c> initialises the mixture logits of the new layers.
 type LogitInit =
@@ -32,35 +31,40 @@ module Mixture =
 
     /// Every switchable normalizer in the model (the model itself included), with its dotted name.
     [<CompiledName("Modules")>]
-    let modules (model: torch.nn.Module) : (string * SwitchNormNd) list =
-        [ match model with
-          | :? SwitchNormNd as s -> yield "", s
-          | _ -> ()
-          for struct (name, m) in model.named_modules () do
-              match m with
-              | :? SwitchNormNd as s -> yield name, s
-              | _ -> () ]
+    let modules (model: torch.nn.Module) : (string * SwitchNormNd) list = [
+        match model with
+        | :? SwitchNormNd as s -> yield "", s
+        | _ -> ()
+        for struct (name, m) in model.named_modules () do
+            match m with
+            | :? SwitchNormNd as s -> yield name, s
+            | _ -> ()
+    ]
 
     /// The learned mean and variance mixtures of every switchable normalizer in the model, by module name.
     [<CompiledName("OfModel")>]
     let ofModel (model: torch.nn.Module) : MixtureInfo[] =
         modules model
-        |> List.map (fun (name, s) ->
-            { Name = name
-              Components = s.Components
-              Mean = s.MeanMixture
-              Var = s.VarMixture })
+        |> List.map (fun (name, s) -> {
+            Name = name
+            Components = s.Components
+            Mean = s.MeanMixture
+            Var = s.VarMixture
+        })
         |> Array.ofList
 
     /// A plain-text table of the mixtures: one line per layer, "name  mean[IN LN BN]  var[IN LN BN]".
     [<CompiledName("Format")>]
     let format (mixtures: MixtureInfo seq) =
-        let fmt (w: float[]) = String.Join(" ", w |> Array.map (fun v -> v.ToString("0.000")))
+        let fmt (w: float[]) =
+            String.Join(" ", w |> Array.map (fun v -> v.ToString("0.000")))
 
-        [ for m in mixtures ->
-              let comps = String.Join(" ", m.Components)
-              let name = if m.Name = "" then "(model)" else m.Name
-              $"{name, -24} mean[{comps}] = {fmt m.Mean}   var[{comps}] = {fmt m.Var}" ]
+        [
+            for m in mixtures ->
+                let comps = String.Join(" ", m.Components)
+                let name = if m.Name = "" then "(model)" else m.Name
+                $"{name, -24} mean[{comps}] = {fmt m.Mean}   var[{comps}] = {fmt m.Var}"
+        ]
         |> String.concat Environment.NewLine
 
 /// Model surgery: BatchNorm → SwitchNorm.
@@ -68,10 +72,18 @@ module Mixture =
 module Convert =
 
     let private allFields (t: Type) =
-        let rec go (t: Type) =
-            [ if not (isNull t) && t <> typeof<obj> then
-                  yield! t.GetFields(BindingFlags.Instance ||| BindingFlags.Public ||| BindingFlags.NonPublic ||| BindingFlags.DeclaredOnly)
-                  yield! go t.BaseType ]
+        let rec go (t: Type) = [
+            if not (isNull t) && t <> typeof<obj> then
+                yield!
+                    t.GetFields(
+                        BindingFlags.Instance
+                        ||| BindingFlags.Public
+                        ||| BindingFlags.NonPublic
+                        ||| BindingFlags.DeclaredOnly
+                    )
+
+                yield! go t.BaseType
+        ]
 
         go t
 
@@ -134,7 +146,8 @@ module Convert =
         | :? TorchSharp.Modules.BatchNorm as bn -> fromBatchNorm init margin bn :> torch.nn.Module
         | _ ->
             // plan every replacement first, so a refusal leaves the model untouched
-            let plan = List<torch.nn.Module * string * TorchSharp.Modules.BatchNorm * FieldInfo list>()
+            let plan =
+                List<torch.nn.Module * string * TorchSharp.Modules.BatchNorm * FieldInfo list>()
 
             let rec visit (parent: torch.nn.Module) (path: string) =
                 for struct (name, child) in List.ofSeq (parent.named_children ()) do
@@ -164,7 +177,9 @@ module Convert =
 
                 match parent with
                 | :? TorchSharp.Modules.Sequential as s ->
-                    let items = sequentialModulesField.GetValue s :?> List<torch.nn.IModule<torch.Tensor, torch.Tensor>>
+                    let items =
+                        sequentialModulesField.GetValue s :?> List<torch.nn.IModule<torch.Tensor, torch.Tensor>>
+
                     let i = items.FindIndex(fun m -> obj.ReferenceEquals(m, bn))
                     items[i] <- sn
                 | _ -> ()
@@ -175,7 +190,11 @@ module Convert =
                     let item = dict.GetType().GetProperty("Item", [| typeof<string> |])
                     let contains = dict.GetType().GetMethod("ContainsKey", [| typeof<string> |])
 
-                    if not (isNull item) && not (isNull contains) && (contains.Invoke(dict, [| box name |]) :?> bool) then
+                    if
+                        not (isNull item)
+                        && not (isNull contains)
+                        && (contains.Invoke(dict, [| box name |]) :?> bool)
+                    then
                         item.SetValue(dict, sn, [| box name |])
 
                 for f in fields do
@@ -286,20 +305,21 @@ module Checkpoint =
         try
             let n = decode r
 
-            [| for _ in 1L .. n do
-                   let key = r.ReadString()
-                   let dtype: torch.ScalarType = LanguagePrimitives.EnumOfValue(sbyte (decode r))
-                   let ndim = decode r
-                   let shape = [| for _ in 1L .. ndim -> decode r |]
-                   let bytes = (Array.fold (*) 1L shape) * elementSize dtype
-                   fs.Seek(bytes, SeekOrigin.Current) |> ignore
+            [|
+                for _ in 1L .. n do
+                    let key = r.ReadString()
+                    let dtype: torch.ScalarType = LanguagePrimitives.EnumOfValue(sbyte (decode r))
+                    let ndim = decode r
+                    let shape = [| for _ in 1L .. ndim -> decode r |]
+                    let bytes = (Array.fold (*) 1L shape) * elementSize dtype
+                    fs.Seek(bytes, SeekOrigin.Current) |> ignore
 
-                   if fs.Position > fs.Length then
-                       raise (EndOfStreamException())
+                    if fs.Position > fs.Length then
+                        raise (EndOfStreamException())
 
-                   yield key, dtype, shape |]
-        with
-        | :? EndOfStreamException ->
+                    yield key, dtype, shape
+            |]
+        with :? EndOfStreamException ->
             raise (InvalidDataException($"Checkpoint: '{path}' is truncated or not a TorchSharp state dict."))
 
     /// <summary>
@@ -325,7 +345,8 @@ module Checkpoint =
                     problems.Add($"'{k}' has dtype {dtype} in the file but {t.dtype} in the model")
             | _ -> problems.Add($"unexpected key '{k}' (not in the model)")
 
-        let missing = sd.Keys |> Seq.filter (fun k -> not (fileKeys.Contains k)) |> List.ofSeq
+        let missing =
+            sd.Keys |> Seq.filter (fun k -> not (fileKeys.Contains k)) |> List.ofSeq
 
         if not allowMissing then
             for k in missing do

@@ -8,8 +8,7 @@ open Xunit
 open SwitchNorm
 open TestUtil
 
-let private snapshot (m: torch.nn.Module) =
-    [ for kv in m.state_dict () -> kv.Key, kv.Value.detach().clone () ]
+let private snapshot (m: torch.nn.Module) = [ for kv in m.state_dict () -> kv.Key, kv.Value.detach().clone () ]
 
 let private unchanged (before: (string * torch.Tensor) list) (m: torch.nn.Module) =
     let now = m.state_dict ()
@@ -21,8 +20,17 @@ let private unchanged (before: (string * torch.Tensor) list) (m: torch.nn.Module
 let ``wrong rank is refused with the expected and actual shapes`` () =
     let m = new SwitchNorm2d(5L)
     let before = snapshot m
-    throws<ArgumentException> (fun () -> m.forward (torch.randn (3L, 5L)) |> box) [ "SwitchNorm2d expects a 4-D input (N, C, H, W)"; "[3, 5]" ]
-    throws<ArgumentException> (fun () -> (new SwitchNorm1d(5L)).forward (torch.randn (2L, 5L, 3L, 3L)) |> box) [ "SwitchNorm1d"; "[2, 5, 3, 3]" ]
+
+    throws<ArgumentException> (fun () -> m.forward (torch.randn (3L, 5L)) |> box) [
+        "SwitchNorm2d expects a 4-D input (N, C, H, W)"
+        "[3, 5]"
+    ]
+
+    throws<ArgumentException> (fun () -> (new SwitchNorm1d(5L)).forward (torch.randn (2L, 5L, 3L, 3L)) |> box) [
+        "SwitchNorm1d"
+        "[2, 5, 3, 3]"
+    ]
+
     throws<ArgumentException> (fun () -> (new SwitchNorm3d(5L)).forward (torch.randn (2L, 5L, 3L, 3L)) |> box) [ "5-D"; "[2, 5, 3, 3]" ]
     unchanged before m
 
@@ -48,7 +56,13 @@ let ``bad constructor arguments are refused`` () =
 let ``one value per channel in training with BN is refused and changes nothing`` () =
     let m = new SwitchNorm2d(3L)
     let before = snapshot m
-    throws<ArgumentException> (fun () -> m.forward (torch.randn (1L, 3L, 1L, 1L)) |> box) [ "more than 1 value per channel"; "[1, 3, 1, 1]"; "using_bn" ]
+
+    throws<ArgumentException> (fun () -> m.forward (torch.randn (1L, 3L, 1L, 1L)) |> box) [
+        "more than 1 value per channel"
+        "[1, 3, 1, 1]"
+        "using_bn"
+    ]
+
     unchanged before m
     Assert.Equal(0L, m.num_batches_tracked.item<int64> ())
     let m1 = new SwitchNorm1d(3L)
@@ -63,8 +77,18 @@ let ``one value per channel in training with BN is refused and changes nothing``
 let ``dtype mismatch and non-float input are refused`` () =
     let m = new SwitchNorm2d(3L)
     let before = snapshot m
-    throws<ArgumentException> (fun () -> m.forward (torch.randn (2L, 3L, 2L, 2L, dtype = torch.ScalarType.Float64)) |> box) [ "Float64"; "Float32" ]
-    throws<ArgumentException> (fun () -> m.forward (torch.ones (2L, 3L, 2L, 2L, dtype = torch.ScalarType.Int64)) |> box) [ "floating-point"; "Int64" ]
+
+    throws<ArgumentException>
+        (fun () ->
+            m.forward (torch.randn (2L, 3L, 2L, 2L, dtype = torch.ScalarType.Float64))
+            |> box)
+        [ "Float64"; "Float32" ]
+
+    throws<ArgumentException> (fun () -> m.forward (torch.ones (2L, 3L, 2L, 2L, dtype = torch.ScalarType.Int64)) |> box) [
+        "floating-point"
+        "Int64"
+    ]
+
     unchanged before m
 
 [<Fact>]
@@ -88,7 +112,11 @@ let ``checkpoints with missing, unexpected or mis-shaped keys are refused and le
         let pbn = Path.Combine(dir, "bn.bin")
         let bn = torch.nn.BatchNorm2d(3L)
         bn.save pbn |> ignore
-        throws<InvalidDataException> (fun () -> Checkpoint.load false pbn m |> box) [ "missing key 'mean_weight'"; "missing key 'var_weight'" ]
+
+        throws<InvalidDataException> (fun () -> Checkpoint.load false pbn m |> box) [
+            "missing key 'mean_weight'"
+            "missing key 'var_weight'"
+        ]
         // unexpected key: a SwitchNorm checkpoint into a BatchNorm2d
         let psn = Path.Combine(dir, "sn.bin")
         m.save psn |> ignore

@@ -8,29 +8,34 @@ open TestUtil
 
 let private f64 = torch.ScalarType.Float64
 
-let private toArray (t: torch.Tensor) = t.detach().contiguous().to_type(f64).data<float>().ToArray()
+let private toArray (t: torch.Tensor) =
+    t.detach().contiguous().to_type(f64).data<float>().ToArray()
 
 /// Loss sum(y · g) of the functional normalizer as a function of one flattened input, the others fixed.
-type private Setup =
-    { X: float[]
-      Shape: int64[]
-      W: float[]
-      B: float[]
-      Lm: float[]
-      Lv: float[]
-      G: float[]
-      UsingBn: bool }
+type private Setup = {
+    X: float[]
+    Shape: int64[]
+    W: float[]
+    B: float[]
+    Lm: float[]
+    Lv: float[]
+    G: float[]
+    UsingBn: bool
+}
 
 let private loss (s: Setup) =
-    let t (a: float[]) (shape: int64[]) = torch.tensor(a, dtype = f64).reshape shape
+    let t (a: float[]) (shape: int64[]) =
+        torch.tensor(a, dtype = f64).reshape shape
+
     let c = s.Shape[1]
     let spec = NormSpec.Create(s.UsingBn, 1e-5, System.Nullable 0.1)
 
-    let p =
-        { Weight = Some(t s.W [| c |])
-          Bias = Some(t s.B [| c |])
-          MeanLogits = t s.Lm [| int64 s.Lm.Length |]
-          VarLogits = t s.Lv [| int64 s.Lv.Length |] }
+    let p = {
+        Weight = Some(t s.W [| c |])
+        Bias = Some(t s.B [| c |])
+        MeanLogits = t s.Lm [| int64 s.Lm.Length |]
+        VarLogits = t s.Lv [| int64 s.Lv.Length |]
+    }
 
     let r = Functional.forward "test" spec p None true (t s.X s.Shape)
     (r.Output * t s.G s.Shape).sum().item<float> ()
@@ -40,18 +45,22 @@ let private setup (usingBn: bool) (shape: int64[]) =
     let k = if usingBn then 3L else 2L
     let c = shape[1]
 
-    { X = toArray (torch.randn (n, dtype = f64) * 2.0 + 1.0)
-      Shape = shape
-      W = toArray (torch.rand (c, dtype = f64) + 0.5)
-      B = toArray (torch.randn (c, dtype = f64))
-      Lm = toArray (torch.randn (k, dtype = f64))
-      Lv = toArray (torch.randn (k, dtype = f64))
-      G = toArray (torch.randn (n, dtype = f64))
-      UsingBn = usingBn }
+    {
+        X = toArray (torch.randn (n, dtype = f64) * 2.0 + 1.0)
+        Shape = shape
+        W = toArray (torch.rand (c, dtype = f64) + 0.5)
+        B = toArray (torch.randn (c, dtype = f64))
+        Lm = toArray (torch.randn (k, dtype = f64))
+        Lv = toArray (torch.randn (k, dtype = f64))
+        G = toArray (torch.randn (n, dtype = f64))
+        UsingBn = usingBn
+    }
 
 /// Autograd gradients of sum(y · g) w.r.t. x, weight, bias, mean logits, var logits.
 let private autograd (s: Setup) =
-    let leaf (a: float[]) (shape: int64[]) = torch.tensor(a, dtype = f64).reshape(shape).requires_grad_ (true)
+    let leaf (a: float[]) (shape: int64[]) =
+        torch.tensor(a, dtype = f64).reshape(shape).requires_grad_ (true)
+
     let c = s.Shape[1]
     let x = leaf s.X s.Shape
     let w = leaf s.W [| c |]
@@ -59,9 +68,16 @@ let private autograd (s: Setup) =
     let lm = leaf s.Lm [| int64 s.Lm.Length |]
     let lv = leaf s.Lv [| int64 s.Lv.Length |]
     let spec = NormSpec.Create(s.UsingBn, 1e-5, System.Nullable 0.1)
-    let p = { Weight = Some w; Bias = Some b; MeanLogits = lm; VarLogits = lv }
+
+    let p = {
+        Weight = Some w
+        Bias = Some b
+        MeanLogits = lm
+        VarLogits = lv
+    }
+
     let r = Functional.forward "test" spec p None true x
-    (r.Output * torch.tensor(s.G, dtype = f64).reshape(s.Shape)).sum().backward ()
+    (r.Output * torch.tensor(s.G, dtype = f64).reshape (s.Shape)).sum().backward ()
     toArray x.grad, toArray w.grad, toArray b.grad, toArray lm.grad, toArray lv.grad
 
 let private check (what: string) (analytic: float[]) (numeric: float[]) =
@@ -97,12 +113,17 @@ let ``finite differences agree with autograd for x, weight, bias and both logit 
 let ``module output and gradients match the float64 array reference`` (usingBn: bool, n: int, c: int, s: int) =
     seeded 12L
     let st = setup usingBn [| int64 n; int64 c; int64 s |]
+
     let refLoss (x: float[]) (w: float[]) (b: float[]) (lm: float[]) (lv: float[]) =
-        let y, _ = Reference.forward { N = n; C = c; S = s; X = x } w b lm lv 1e-5 usingBn None
+        let y, _ =
+            Reference.forward { N = n; C = c; S = s; X = x } w b lm lv 1e-5 usingBn None
+
         Array.fold2 (fun acc a g -> acc + a * g) 0.0 y st.G
 
     // forward
-    let yRef, _ = Reference.forward { N = n; C = c; S = s; X = st.X } st.W st.B st.Lm st.Lv 1e-5 usingBn None
+    let yRef, _ =
+        Reference.forward { N = n; C = c; S = s; X = st.X } st.W st.B st.Lm st.Lv 1e-5 usingBn None
+
     let m = new SwitchNorm1d(int64 c, dtype = f64, using_bn = usingBn)
 
     do
@@ -112,7 +133,9 @@ let ``module output and gradients match the float64 array reference`` (usingBn: 
         m.mean_weight.copy_ (torch.tensor (st.Lm, dtype = f64)) |> ignore
         m.var_weight.copy_ (torch.tensor (st.Lv, dtype = f64)) |> ignore
 
-    let x = torch.tensor(st.X, dtype = f64).reshape(int64 n, int64 c, int64 s).requires_grad_ (true)
+    let x =
+        torch.tensor(st.X, dtype = f64).reshape(int64 n, int64 c, int64 s).requires_grad_ (true)
+
     let y = m.forward x
     assertClose "forward vs reference" 1e-10 y (torch.tensor(yRef, dtype = f64).reshape (int64 n, int64 c, int64 s))
     (y * torch.tensor(st.G, dtype = f64).reshape (int64 n, int64 c, int64 s)).sum().backward ()
@@ -130,7 +153,10 @@ let ``large common offset in float32 stays within float32 rounding of the float6
     let x32 = x64.to_type torch.ScalarType.Float32
     let xs = toArray (x32.to_type f64) // the float32 values, exactly
     let ones = Array.create c 1.0
-    let yRef, _ = Reference.forward { N = n; C = c; S = s; X = xs } ones (Array.zeroCreate c) [| 1.0; 1.0; 1.0 |] [| 1.0; 1.0; 1.0 |] 1e-5 true None
+
+    let yRef, _ =
+        Reference.forward { N = n; C = c; S = s; X = xs } ones (Array.zeroCreate c) [| 1.0; 1.0; 1.0 |] [| 1.0; 1.0; 1.0 |] 1e-5 true None
+
     let m = new SwitchNorm1d(int64 c)
     let y = m.forward x32
     // input rounding is exact (we compare on the float32 values); centring 1e4 ± 3 in float32 leaves relative

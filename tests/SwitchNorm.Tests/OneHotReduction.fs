@@ -12,7 +12,10 @@ type F = torch.nn.functional
 
 let private randomAffine (m: SwitchNormNd) =
     use _ = torch.no_grad ()
-    m.weight.copy_ (torch.rand (m.num_features, dtype = m.weight.dtype) + 0.5) |> ignore
+
+    m.weight.copy_ (torch.rand (m.num_features, dtype = m.weight.dtype) + 0.5)
+    |> ignore
+
     m.bias.copy_ (torch.randn (m.num_features, dtype = m.bias.dtype)) |> ignore
 
 /// Runs forward and backward of sum(y · g) and returns y, x.grad, weight.grad, bias.grad.
@@ -24,7 +27,8 @@ let private step (f: torch.Tensor -> torch.Tensor) (x: torch.Tensor) (g: torch.T
 
 let private zeroGrads (ts: torch.Tensor list) =
     for t in ts do
-        if not (isNull t.grad) then t.grad.zero_ () |> ignore
+        if not (isNull t.grad) then
+            t.grad.zero_ () |> ignore
 
 [<Theory>]
 [<InlineData("float64", 0.1)>]
@@ -33,7 +37,13 @@ let private zeroGrads (ts: torch.Tensor list) =
 [<InlineData("float32", 0.3)>]
 let ``BN one-hot equals BatchNorm2d: outputs, gradients and buffers over steps, then eval`` (dtypeName: string, momentum: float) =
     seeded 1L
-    let dtype = if dtypeName = "float64" then torch.ScalarType.Float64 else torch.ScalarType.Float32
+
+    let dtype =
+        if dtypeName = "float64" then
+            torch.ScalarType.Float64
+        else
+            torch.ScalarType.Float32
+
     let c = 3L
     let sn = new SwitchNorm2d(c, dtype = dtype)
     let bn = torch.nn.BatchNorm2d(c, dtype = dtype)
@@ -100,7 +110,10 @@ let ``IN one-hot equals instance_norm with per-channel affine, train and eval`` 
     let wRef = sn.weight.detach().clone().requires_grad_ (true)
     let bRef = sn.bias.detach().clone().requires_grad_ (true)
     let y1, gx1, gw1, gb1 = step sn.forward x g sn.weight sn.bias
-    let y2, gx2, gw2, gb2 = step (fun x -> F.instance_norm (x, weight = wRef, bias = bRef, eps = 1e-5)) x g wRef bRef
+
+    let y2, gx2, gw2, gb2 =
+        step (fun x -> F.instance_norm (x, weight = wRef, bias = bRef, eps = 1e-5)) x g wRef bRef
+
     let t = tol dtype
     assertClose "output" t y1 y2
     assertClose "grad x" t gx1 gx2
@@ -123,7 +136,8 @@ let ``LN one-hot equals layer_norm over (C, H, W) with per-channel affine, train
     let bRef = sn.bias.detach().clone().requires_grad_ (true)
 
     let lnRef (x: torch.Tensor) =
-        F.layer_norm (x, [| 4L; 3L; 5L |], eps = 1e-5) * wRef.view (1L, -1L, 1L, 1L) + bRef.view (1L, -1L, 1L, 1L)
+        F.layer_norm (x, [| 4L; 3L; 5L |], eps = 1e-5) * wRef.view (1L, -1L, 1L, 1L)
+        + bRef.view (1L, -1L, 1L, 1L)
 
     let y1, gx1, gw1, gb1 = step sn.forward x g sn.weight sn.bias
     let y2, gx2, gw2, gb2 = step lnRef x g wRef bRef
@@ -137,10 +151,12 @@ let ``LN one-hot equals layer_norm over (C, H, W) with per-channel affine, train
 let ``one-hot reductions hold in float32 against TorchSharp's norms`` () =
     seeded 4L
     let x = torch.randn (2L, 3L, 6L, 6L) * 5.0 + 100.0
-    let cases: (int * (torch.Tensor -> torch.Tensor)) list =
-        [ 0, (fun x -> F.instance_norm (x, eps = 1e-5))
-          1, (fun x -> F.layer_norm (x, [| 3L; 6L; 6L |], eps = 1e-5))
-          2, (fun x -> F.batch_norm (x, null, null, training = true, eps = 1e-5)) ]
+
+    let cases: (int * (torch.Tensor -> torch.Tensor)) list = [
+        0, (fun x -> F.instance_norm (x, eps = 1e-5))
+        1, (fun x -> F.layer_norm (x, [| 3L; 6L; 6L |], eps = 1e-5))
+        2, (fun x -> F.batch_norm (x, null, null, training = true, eps = 1e-5))
+    ]
 
     for (hot, reference) in cases do
         let sn = new SwitchNorm2d(3L, affine = false)

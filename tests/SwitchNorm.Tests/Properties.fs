@@ -38,10 +38,16 @@ type Arbs =
         |> Arb.fromGen
 
     static member Logits3() : Arbitrary<Logits3> =
-        let normal = Gen.arrayOfLength 3 (Gen.choose (-4000, 4000) |> Gen.map (fun i -> float i / 1000.0))
+        let normal =
+            Gen.arrayOfLength 3 (Gen.choose (-4000, 4000) |> Gen.map (fun i -> float i / 1000.0))
+
         let extreme = Gen.arrayOfLength 3 (Gen.elements [ -30.0; 30.0; 0.0 ])
         let equal = Gen.elements [ -5.0; 0.0; 1.0; 30.0 ] |> Gen.map (Array.create 3)
-        let oneHot = Gen.choose (0, 2) |> Gen.map (fun k -> Array.init 3 (fun i -> if i = k then 0.0 else -1e4))
+
+        let oneHot =
+            Gen.choose (0, 2)
+            |> Gen.map (fun k -> Array.init 3 (fun i -> if i = k then 0.0 else -1e4))
+
         Gen.oneof [ normal; extreme; equal; oneHot ] |> Gen.map Logits3 |> Arb.fromGen
 
 let private input (Shape4 s) (seed: int) =
@@ -62,7 +68,9 @@ let private close (atol: float) (a: torch.Tensor) (b: torch.Tensor) =
 let convexWeights (Logits3 l) =
     let w = Mixing.softmax (torch.tensor (l, dtype = f64))
     let a = w.data<float>().ToArray()
-    a |> Array.forall (fun v -> v >= 0.0 && not (Double.IsNaN v)) && abs (Array.sum a - 1.0) < 1e-12
+
+    a |> Array.forall (fun v -> v >= 0.0 && not (Double.IsNaN v))
+    && abs (Array.sum a - 1.0) < 1e-12
 
 /// Merging the moments of two parts of a batch equals the moments of the whole batch.
 let mergeEqualsWhole (Shape4 s) (seed: int) (cut: PositiveInt) =
@@ -75,7 +83,10 @@ let mergeEqualsWhole (Shape4 s) (seed: int) (cut: PositiveInt) =
     let a = Moments.ofRows (rows.narrow (2L, 0L, k))
     let b = Moments.ofRows (rows.narrow (2L, k, len - k))
     let m = Moments.merge a b
-    m.Count = whole.Count && close 1e-10 m.Mean whole.Mean && close 1e-8 m.M2 whole.M2
+
+    m.Count = whole.Count
+    && close 1e-10 m.Mean whole.Mean
+    && close 1e-8 m.M2 whole.M2
 
 /// Adding one constant to the whole input leaves the output unchanged.
 let translationInvariant (Shape4 s) (seed: int) (lm: Logits3) (lv: Logits3) =
@@ -98,7 +109,9 @@ let instanceSlicesNormalized (Shape4 s) (seed: int) =
     let y = (m.forward x).reshape (s[0], s[1], -1L)
     let v = x.reshape(s[0], s[1], -1L).var (2L, unbiased = false)
     let expected = v / (v + 1e-5)
-    close 1e-10 (y.mean [| 2L |]) (torch.zeros_like v) && close 1e-8 (y.var (2L, unbiased = false)) expected
+
+    close 1e-10 (y.mean [| 2L |]) (torch.zeros_like v)
+    && close 1e-8 (y.var (2L, unbiased = false)) expected
 
 [<Properties(Arbitrary = [| typeof<Arbs> |], MaxTest = 60)>]
 module XunitRunner =
@@ -112,7 +125,8 @@ module XunitRunner =
     let ``translation invariance`` s seed lm lv = translationInvariant s seed lm lv
 
     [<Property>]
-    let ``batch permutation equivariance`` s seed lm lv = batchPermutationEquivariant s seed lm lv
+    let ``batch permutation equivariance`` s seed lm lv =
+        batchPermutationEquivariant s seed lm lv
 
     [<Property>]
     let ``IN slices are normalized`` s seed = instanceSlicesNormalized s seed
@@ -120,19 +134,20 @@ module XunitRunner =
 module ExpectoRunner =
     open Expecto
 
-    let private config =
-        { FsCheckConfig.defaultConfig with
+    let private config = {
+        FsCheckConfig.defaultConfig with
             arbitrary = [ typeof<Arbs> ]
-            maxTest = 60 }
+            maxTest = 60
+    }
 
     let tests =
-        testList
-            "SwitchNorm properties"
-            [ testPropertyWithConfig config "convex weights" convexWeights
-              testPropertyWithConfig config "merge of a split equals the whole" mergeEqualsWhole
-              testPropertyWithConfig config "translation invariance" translationInvariant
-              testPropertyWithConfig config "batch permutation equivariance" batchPermutationEquivariant
-              testPropertyWithConfig config "IN slices are normalized" instanceSlicesNormalized ]
+        testList "SwitchNorm properties" [
+            testPropertyWithConfig config "convex weights" convexWeights
+            testPropertyWithConfig config "merge of a split equals the whole" mergeEqualsWhole
+            testPropertyWithConfig config "translation invariance" translationInvariant
+            testPropertyWithConfig config "batch permutation equivariance" batchPermutationEquivariant
+            testPropertyWithConfig config "IN slices are normalized" instanceSlicesNormalized
+        ]
 
     /// `dotnet test` has no Expecto adapter here, so this fact runs the Expecto tree and requires exit code 0.
     [<Fact>]

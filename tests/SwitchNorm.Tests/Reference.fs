@@ -20,19 +20,40 @@ let private meanVar (xs: float seq) =
 
 /// Output y and the batch statistics (per-channel mean and biased variance) for the paper's [IN; LN; BN]
 /// mixture (or [IN; LN] when usingBn is false). bnStats overrides BN with given (mean, var) per channel (eval).
-let forward (i: Input) (weight: float[]) (bias: float[]) (meanLogits: float[]) (varLogits: float[]) (eps: float) (usingBn: bool) (bnOverride: (float[] * float[]) option) =
+let forward
+    (i: Input)
+    (weight: float[])
+    (bias: float[])
+    (meanLogits: float[])
+    (varLogits: float[])
+    (eps: float)
+    (usingBn: bool)
+    (bnOverride: (float[] * float[]) option)
+    =
     let inst =
         Array.init i.N (fun n -> Array.init i.C (fun c -> meanVar (seq { for s in 0 .. i.S - 1 -> at i n c s })))
 
     let layer =
-        Array.init i.N (fun n -> meanVar (seq { for c in 0 .. i.C - 1 do for s in 0 .. i.S - 1 -> at i n c s }))
+        Array.init i.N (fun n ->
+            meanVar (
+                seq {
+                    for c in 0 .. i.C - 1 do
+                        for s in 0 .. i.S - 1 -> at i n c s
+                }
+            ))
 
     let batch =
-        Array.init i.C (fun c -> meanVar (seq { for n in 0 .. i.N - 1 do for s in 0 .. i.S - 1 -> at i n c s }))
+        Array.init i.C (fun c ->
+            meanVar (
+                seq {
+                    for n in 0 .. i.N - 1 do
+                        for s in 0 .. i.S - 1 -> at i n c s
+                }
+            ))
 
     let bnUsed =
         match bnOverride with
-        | Some (m, v) -> Array.init i.C (fun c -> m[c], v[c])
+        | Some(m, v) -> Array.init i.C (fun c -> m[c], v[c])
         | None -> batch
 
     let wm = softmax meanLogits

@@ -18,7 +18,9 @@ let tol (dtype: torch.ScalarType) =
 
 /// Max |a − b| over all elements, in float64.
 let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) =
-    use d = (a.to_type torch.ScalarType.Float64 - b.to_type torch.ScalarType.Float64).abs ()
+    use d =
+        (a.to_type torch.ScalarType.Float64 - b.to_type torch.ScalarType.Float64).abs ()
+
     if d.numel () = 0L then 0.0 else d.max().item<float> ()
 
 /// Asserts |a − b| ≤ atol + rtol·|b| elementwise and the same shape, reporting the worst element.

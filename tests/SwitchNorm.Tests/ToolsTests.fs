@@ -11,10 +11,20 @@ open TestUtil
 type Net() as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("Net")
     let conv1 = torch.nn.Conv2d(2L, 4L, 3L, padding = 1L)
-    let mutable bn1: torch.nn.Module<torch.Tensor, torch.Tensor> = torch.nn.BatchNorm2d(4L)
-    let head = torch.nn.Sequential(struct ("conv", torch.nn.Conv2d(4L, 3L, 1L) :> torch.nn.Module<torch.Tensor, torch.Tensor>), struct ("bn", torch.nn.BatchNorm2d(3L) :> torch.nn.Module<torch.Tensor, torch.Tensor>))
+
+    let mutable bn1: torch.nn.Module<torch.Tensor, torch.Tensor> =
+        torch.nn.BatchNorm2d(4L)
+
+    let head =
+        torch.nn.Sequential(
+            struct ("conv", torch.nn.Conv2d(4L, 3L, 1L) :> torch.nn.Module<torch.Tensor, torch.Tensor>),
+            struct ("bn", torch.nn.BatchNorm2d(3L) :> torch.nn.Module<torch.Tensor, torch.Tensor>)
+        )
+
     do this.RegisterComponents()
-    override _.forward x = x |> conv1.forward |> bn1.forward |> head.forward
+
+    override _.forward x =
+        x |> conv1.forward |> bn1.forward |> head.forward
 
 type Typed() as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("Typed")
@@ -84,7 +94,9 @@ let ``conversion replaces every BatchNorm, carries state over and keeps the func
 
 [<Fact>]
 let ``conversion with uniform logits gives the paper's uniform mixture`` () =
-    let sq = torch.nn.Sequential(torch.nn.Conv2d(1L, 2L, 1L) :> torch.nn.Module<torch.Tensor, torch.Tensor>, torch.nn.BatchNorm2d(2L))
+    let sq =
+        torch.nn.Sequential(torch.nn.Conv2d(1L, 2L, 1L) :> torch.nn.Module<torch.Tensor, torch.Tensor>, torch.nn.BatchNorm2d(2L))
+
     Convert.batchNorm LogitInit.Uniform 0.0 sq |> ignore
     let m = Mixture.ofModel sq |> Array.exactlyOne
 
