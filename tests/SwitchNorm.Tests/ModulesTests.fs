@@ -1,0 +1,119 @@
+/// Module options and dtypes: 1d/3d ranks, (N, C) input, half precision, last_gamma, using_bn, track_running_stats, .to().
+module ModulesTests
+
+open System
+open TorchSharp
+open Xunit
+open SwitchNorm
+open TestUtil
+
+type F = torch.nn.functional
+
+[<Fact>]
+let ``SwitchNorm1d on (N, C): IN mean is x and IN variance 0`` () =
+    seeded 31L
+    let m = new SwitchNorm1d(4L, dtype = torch.ScalarType.Float64)
+    setOneHot m 0
+
+    do
+        use _ = torch.no_grad ()
+        m.bias.copy_ (torch.tensor ([| 1.0; -2.0; 0.5; 3.0 |], dtype = torch.ScalarType.Float64)) |> ignore
+
+    let x = torch.randn (5L, 4L, dtype = torch.ScalarType.Float64)
+    // (x − x) / sqrt(0 + eps) · 1 + bias = bias
+    assertClose "IN on (N, C)" 1e-12 (m.forward x) (m.bias.detach().expand (5L, 4L))
+    // BN one-hot on (N, C) equals BatchNorm1d
+    let bn = torch.nn.BatchNorm1d(4L, dtype = torch.ScalarType.Float64)
+    let m2 = new SwitchNorm1d(4L, dtype = torch.ScalarType.Float64)
+    setOneHot m2 2
+    assertClose "BN on (N, C)" 1e-10 (m2.forward x) (bn.forward x)
+    assertClose "running_var on (N, C)" 1e-12 m2.running_var bn.running_var
+
+[<Fact>]
+let ``SwitchNorm3d BN one-hot equals BatchNorm3d`` () =
+    seeded 32L
+    let m = new SwitchNorm3d(3L, dtype = torch.ScalarType.Float64)
+    let bn = torch.nn.BatchNorm3d(3L, dtype = torch.ScalarType.Float64)
+    setOneHot m 2
+    let x = torch.randn ([| 2L; 3L; 2L; 3L; 4L |], dtype = torch.ScalarType.Float64)
+    assertClose "3d output" 1e-10 (m.forward x) (bn.forward x)
+    assertClose "3d running_mean" 1e-12 m.running_mean bn.running_mean
+
+[<Theory>]
+[<InlineData("float16")>]
+[<InlineData("bfloat16")>]
+let ``half inputs are normalized in float32 and returned in their own dtype`` (name: string) =
+    seeded 33L
+    let dt = if name = "float16" then torch.ScalarType.Float16 else torch.ScalarType.BFloat16
+    let m = new SwitchNorm2d(3L) // float32 parameters: mixed precision
+    let x = (torch.randn (4L, 3L, 5L, 5L) * 2.0e4).to_type dt // float16 values up to ~6e4 must not overflow
+    let y = m.forward x
+    Assert.Equal(dt, y.dtype)
+    let m32 = new SwitchNorm2d(3L)
+    let y32 = m32.forward (x.to_type torch.ScalarType.Float32)
+    // the result is the float32 result rounded once to the half dtype: |y − y32| ≤ u·|y32| (+ tiny absolute slack)
+    assertClose $"{name} vs float32" (tol dt) y y32
+    Assert.False(y.isnan().any().item<bool> () || y.isinf().any().item<bool> ())
+    // parameters in the half dtype are accepted too
+    let mh = new SwitchNorm2d(3L, dtype = dt)
+    Assert.Equal(dt, (mh.forward x).dtype)
+
+[<Fact>]
+let ``last_gamma starts the weight at zero and using_bn false mixes two statistics`` () =
+    let m = new SwitchNorm2d(3L, last_gamma = true)
+    Assert.Equal(0.0f, m.weight.abs().sum().item<float32> ())
+    let nb = new SwitchNorm2d(3L, using_bn = false)
+    Assert.Equal<int64[]>([| 2L |], nb.mean_weight.shape)
+    Assert.Equal<string[]>([| "IN"; "LN" |], nb.Components)
+    Assert.False(nb.using_bn)
+    // IN+LN mixture on a batch of one equals the same mixture with the sample inside a bigger batch
+    seeded 34L
+    let x = torch.randn (3L, 3L, 4L, 4L)
+    assertClose "batch independence" (tol torch.ScalarType.Float32) (nb.forward (x.narrow (0L, 1L, 1L))) ((nb.forward x).narrow (0L, 1L, 1L))
+
+[<Fact>]
+let ``without running statistics BN uses the batch in eval, and nothing is tracked`` () =
+    seeded 35L
+    let m = new SwitchNorm2d(3L, track_running_stats = false)
+    Assert.Null(m.running_mean)
+    Assert.Empty(m.named_buffers ())
+    let x = torch.randn (4L, 3L, 3L, 3L)
+    let yTrain = m.forward x
+    m.eval () |> ignore
+    assertClose "eval = train" 0.0 (m.forward x) yTrain
+
+[<Fact>]
+let ``module.to(float64) converts parameters and floating buffers and keeps the counter int64`` () =
+    let m = new SwitchNorm2d(3L)
+    m.forward (torch.randn (2L, 3L, 2L, 2L)) |> ignore
+    m.``to`` (torch.ScalarType.Float64) |> ignore
+    Assert.Equal(torch.ScalarType.Float64, m.weight.dtype)
+    Assert.Equal(torch.ScalarType.Float64, m.mean_weight.dtype)
+    Assert.Equal(torch.ScalarType.Float64, m.running_var.dtype)
+    Assert.Equal(torch.ScalarType.Int64, m.num_batches_tracked.dtype)
+    Assert.Equal(1L, m.num_batches_tracked.item<int64> ())
+    let y = m.forward (torch.randn (2L, 3L, 2L, 2L, dtype = torch.ScalarType.Float64))
+    Assert.Equal(torch.ScalarType.Float64, y.dtype)
+    Assert.Equal(2L, m.num_batches_tracked.item<int64> ())
+
+[<Fact>]
+let ``running statistics follow the closed form of the exponential average`` () =
+    seeded 36L
+    let m = new SwitchNorm2d(2L, momentum = 0.25, dtype = torch.ScalarType.Float64)
+    let xs = [ for _ in 1..5 -> torch.randn (3L, 2L, 4L, 4L, dtype = torch.ScalarType.Float64) * 2.0 + 1.0 ]
+
+    for x in xs do
+        m.forward x |> ignore
+
+    // running_k = 0.75^k · init + Σᵢ 0.25 · 0.75^(k−i) · statᵢ
+    let k = List.length xs
+    let stat (x: torch.Tensor) (f: torch.Tensor -> torch.Tensor) = f (x.transpose(0L, 1L).reshape (2L, -1L))
+    let expMean =
+        xs |> List.mapi (fun i x -> stat x (fun r -> r.mean [| 1L |]) * (0.25 * Math.Pow(0.75, float (k - 1 - i)))) |> List.reduce (+)
+    let expVar =
+        (xs |> List.mapi (fun i x -> stat x (fun r -> r.var (1L, unbiased = true)) * (0.25 * Math.Pow(0.75, float (k - 1 - i)))) |> List.reduce (+))
+        + Math.Pow(0.75, float k)
+
+    assertClose "running_mean" 1e-12 m.running_mean expMean
+    assertClose "running_var" 1e-12 m.running_var expVar
+    Assert.Equal(int64 k, m.num_batches_tracked.item<int64> ())
