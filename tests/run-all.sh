@@ -50,7 +50,7 @@ for script in fsi-scripts/*.fsx; do
 done
 
 check "main job (20 steps)" dotnet run -c Release --no-build --project samples/SwitchNorm.Demo -- 20
-check "fantomas --check" dotnet fantomas --check src tests samples fsi-scripts
+check "fantomas --check" dotnet fantomas --check src tests samples fsi-scripts bench
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
