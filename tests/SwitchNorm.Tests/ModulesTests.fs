@@ -17,7 +17,9 @@ let ``SwitchNorm1d on (N, C): IN mean is x and IN variance 0`` () =
 
     do
         use _ = torch.no_grad ()
-        m.bias.copy_ (torch.tensor ([| 1.0; -2.0; 0.5; 3.0 |], dtype = torch.ScalarType.Float64)) |> ignore
+
+        m.bias.copy_ (torch.tensor ([| 1.0; -2.0; 0.5; 3.0 |], dtype = torch.ScalarType.Float64))
+        |> ignore
 
     let x = torch.randn (5L, 4L, dtype = torch.ScalarType.Float64)
     // (x − x) / sqrt(0 + eps) · 1 + bias = bias
@@ -44,7 +46,13 @@ let ``SwitchNorm3d BN one-hot equals BatchNorm3d`` () =
 [<InlineData("bfloat16")>]
 let ``half inputs are normalized in float32 and returned in their own dtype`` (name: string) =
     seeded 33L
-    let dt = if name = "float16" then torch.ScalarType.Float16 else torch.ScalarType.BFloat16
+
+    let dt =
+        if name = "float16" then
+            torch.ScalarType.Float16
+        else
+            torch.ScalarType.BFloat16
+
     let m = new SwitchNorm2d(3L) // float32 parameters: mixed precision
     let x = (torch.randn (4L, 3L, 5L, 5L) * 2.0e4).to_type dt // float16 values up to ~6e4 must not overflow
     let y = m.forward x
@@ -69,7 +77,12 @@ let ``last_gamma starts the weight at zero and using_bn false mixes two statisti
     // IN+LN mixture on a batch of one equals the same mixture with the sample inside a bigger batch
     seeded 34L
     let x = torch.randn (3L, 3L, 4L, 4L)
-    assertClose "batch independence" (tol torch.ScalarType.Float32) (nb.forward (x.narrow (0L, 1L, 1L))) ((nb.forward x).narrow (0L, 1L, 1L))
+
+    assertClose
+        "batch independence"
+        (tol torch.ScalarType.Float32)
+        (nb.forward (x.narrow (0L, 1L, 1L)))
+        ((nb.forward x).narrow (0L, 1L, 1L))
 
 [<Fact>]
 let ``without running statistics BN uses the batch in eval, and nothing is tracked`` () =
@@ -100,18 +113,31 @@ let ``module.to(float64) converts parameters and floating buffers and keeps the 
 let ``running statistics follow the closed form of the exponential average`` () =
     seeded 36L
     let m = new SwitchNorm2d(2L, momentum = 0.25, dtype = torch.ScalarType.Float64)
-    let xs = [ for _ in 1..5 -> torch.randn (3L, 2L, 4L, 4L, dtype = torch.ScalarType.Float64) * 2.0 + 1.0 ]
+
+    let xs = [
+        for _ in 1..5 -> torch.randn (3L, 2L, 4L, 4L, dtype = torch.ScalarType.Float64) * 2.0 + 1.0
+    ]
 
     for x in xs do
         m.forward x |> ignore
 
     // running_k = 0.75^k · init + Σᵢ 0.25 · 0.75^(k−i) · statᵢ
     let k = List.length xs
-    let stat (x: torch.Tensor) (f: torch.Tensor -> torch.Tensor) = f (x.transpose(0L, 1L).reshape (2L, -1L))
+
+    let stat (x: torch.Tensor) (f: torch.Tensor -> torch.Tensor) =
+        f (x.transpose(0L, 1L).reshape (2L, -1L))
+
     let expMean =
-        xs |> List.mapi (fun i x -> stat x (fun r -> r.mean [| 1L |]) * (0.25 * Math.Pow(0.75, float (k - 1 - i)))) |> List.reduce (+)
+        xs
+        |> List.mapi (fun i x -> stat x (fun r -> r.mean [| 1L |]) * (0.25 * Math.Pow(0.75, float (k - 1 - i))))
+        |> List.reduce (+)
+
     let expVar =
-        (xs |> List.mapi (fun i x -> stat x (fun r -> r.var (1L, unbiased = true)) * (0.25 * Math.Pow(0.75, float (k - 1 - i)))) |> List.reduce (+))
+        (xs
+         |> List.mapi (fun i x ->
+             stat x (fun r -> r.var (1L, unbiased = true))
+             * (0.25 * Math.Pow(0.75, float (k - 1 - i))))
+         |> List.reduce (+))
         + Math.Pow(0.75, float k)
 
     assertClose "running_mean" 1e-12 m.running_mean expMean
