@@ -132,3 +132,22 @@ let ``recalibration sets the exact mean and unbiased variance of all batches and
 
     for (k, p) in paramsBefore do
         Assert.True(exactEq p (model.get_parameter k), k)
+
+[<Fact>]
+let ``conversion maps BatchNorm1d and BatchNorm3d to SwitchNorm1d and SwitchNorm3d, momentum and eps included`` () =
+    let bn1 = torch.nn.BatchNorm1d(3L, eps = 1e-3, momentum = 0.2)
+    let bn3 = torch.nn.BatchNorm3d(2L)
+    bn3.momentum <- Nullable()
+
+    let sq =
+        torch.nn.Sequential(bn1 :> torch.nn.Module<torch.Tensor, torch.Tensor>, bn3 :> torch.nn.Module<torch.Tensor, torch.Tensor>)
+
+    Convert.batchNorm LogitInit.Uniform 0.0 sq |> ignore
+    let s1 = Assert.IsType<SwitchNorm1d>(sq[0] :> obj)
+    let s3 = Assert.IsType<SwitchNorm3d>(sq[1] :> obj)
+    Assert.Equal(1e-3, s1.eps)
+    Assert.Equal(Nullable 0.2, s1.momentum)
+    Assert.False(s3.momentum.HasValue)
+    // a BatchNorm given directly is returned converted
+    Assert.IsType<SwitchNorm2d>(Convert.batchNorm LogitInit.Uniform 0.0 (torch.nn.BatchNorm2d(4L)) :> obj)
+    |> ignore
