@@ -15,6 +15,13 @@ type NormSpec = {
     Eps: float
     /// Running-average factor for the BN statistics; None means a cumulative average (BatchNorm's momentum=None).
     Momentum: float option
+    /// <summary>
+    /// True (the default): the fused implementation, with per-(n, c) statistics from one two-pass reduction,
+    /// one affine pass for the output and a hand-written backward that keeps only x − mean and O(N·C)
+    /// statistics. False: the plain composition of tensor operations differentiated by autograd, which is
+    /// slower and keeps more memory, but supports higher-order gradients (create_graph).
+    /// </summary>
+    Fused: bool
 } with
 
     /// True when the Batch component is mixed in.
@@ -30,6 +37,7 @@ type NormSpec = {
         Switch = Mixing.softmax
         Eps = eps
         Momentum = Option.ofNullable momentum
+        Fused = true
     }
 
 /// Learnable parameters of a switchable normalizer.
@@ -77,6 +85,7 @@ module Functional =
         Switch = Mixing.softmax
         Eps = 1e-5
         Momentum = Some 0.1
+        Fused = true
     }
 
     /// <summary>
@@ -177,36 +186,148 @@ module Functional =
 
         let x3 = x.reshape (n, numFeatures, -1L)
         let x3 = if x3.dtype = cd then x3 else x3.to_type cd
-        let inst = Moments.ofRows x3
 
-        let bnMoments = if bnFromBatch then Some(Moments.reduce 0L inst) else None
+        let composed () =
+            let inst = Moments.ofRows x3
 
-        let bnStats () =
-            match bnMoments, running with
-            | Some b, _ -> b.Mean, Moments.variance b
-            | None, Some r -> (r.Mean.to_type cd).view (1L, -1L), (r.Var.to_type cd).view (1L, -1L)
-            | None, None -> invalidOp "unreachable: BN without batch or running statistics"
+            let bnMoments = if bnFromBatch then Some(Moments.reduce 0L inst) else None
 
-        let stats = spec.Components |> List.map (fun comp -> statistic inst comp bnStats)
-        let wMean = spec.Switch(p.MeanLogits.to_type cd)
-        let wVar = spec.Switch(p.VarLogits.to_type cd)
-        let mean = Mixing.mix wMean (stats |> List.map fst)
-        let var = Mixing.mix wVar (stats |> List.map snd)
-        let invStd = (var + spec.Eps).rsqrt ()
-        // Mixing [N, C], [N, 1] and [1, C] statistics always broadcasts to [N, C].
-        let invStd = invStd.expand (n, numFeatures)
+            let bnStats () =
+                match bnMoments, running with
+                | Some b, _ -> b.Mean, Moments.variance b
+                | None, Some r -> (r.Mean.to_type cd).view (1L, -1L), (r.Var.to_type cd).view (1L, -1L)
+                | None, None -> invalidOp "unreachable: BN without batch or running statistics"
 
-        let scale =
-            match p.Weight with
-            | Some w -> invStd * (w.to_type cd).view (1L, -1L)
-            | None -> invStd
+            let stats = spec.Components |> List.map (fun comp -> statistic inst comp bnStats)
+            let wMean = spec.Switch(p.MeanLogits.to_type cd)
+            let wVar = spec.Switch(p.VarLogits.to_type cd)
+            let mean = Mixing.mix wMean (stats |> List.map fst)
+            let var = Mixing.mix wVar (stats |> List.map snd)
+            let invStd = (var + spec.Eps).rsqrt ()
+            // Mixing [N, C], [N, 1] and [1, C] statistics always broadcasts to [N, C].
+            let invStd = invStd.expand (n, numFeatures)
 
-        let shift =
-            match p.Bias with
-            | Some b -> (b.to_type cd).view (1L, -1L) - mean * scale
-            | None -> -(mean * scale)
+            let scale =
+                match p.Weight with
+                | Some w -> invStd * (w.to_type cd).view (1L, -1L)
+                | None -> invStd
 
-        let y3 = torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
+            let shift =
+                match p.Bias with
+                | Some b -> (b.to_type cd).view (1L, -1L) - mean * scale
+                | None -> -(mean * scale)
+
+            torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0), bnMoments
+
+        let gamma = p.Weight |> Option.map (fun w -> w.to_type cd) |> Option.toObj
+        let beta = p.Bias |> Option.map (fun b -> b.to_type cd) |> Option.toObj
+
+        let needsGraph (ts: torch.Tensor list) =
+            torch.is_grad_enabled ()
+            && (x3 :: gamma :: beta :: ts)
+               |> List.exists (fun t -> not (isNull t) && t.requires_grad)
+
+        let kernel () =
+            let x3c = x3.contiguous ()
+            let st = KernelNorm.rowStats x3c
+
+            let kinds =
+                spec.Components
+                |> List.map (fun comp ->
+                    match comp with
+                    | Instance -> PerRow
+                    | Layer -> PerSample
+                    | Batch when bnFromBatch -> PerChannel
+                    | Batch -> Constant)
+
+            let plan =
+                KernelNorm.plan st kinds (running |> Option.map (fun r -> r.Mean, r.Var)) spec.Eps
+
+            let bnMoments =
+                if bnFromBatch then
+                    let count, mean, var = KernelNorm.batchStats st
+
+                    let asTensor (a: float[]) =
+                        torch.tensor(a, dtype = torch.ScalarType.Float64).to_type(cd).view (1L, -1L)
+
+                    Some {
+                        Count = count
+                        Mean = asTensor mean
+                        M2 = asTensor (var |> Array.map (fun v -> v * count))
+                    }
+                else
+                    None
+
+            let wMean = spec.Switch(p.MeanLogits.to_type cd)
+            let wVar = spec.Switch(p.VarLogits.to_type cd)
+
+            let y3 =
+                if needsGraph [ wMean; wVar ] then
+                    torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
+                        .apply (box x3c, box gamma, box beta, box wMean, box wVar, box plan)
+                else
+                    let read (t: torch.Tensor) =
+                        if isNull t then None else Some(KernelNorm.read t)
+
+                    let y, _, _ =
+                        KernelNorm.output x3c plan (read gamma) (read beta) (KernelNorm.read wMean) (KernelNorm.read wVar)
+
+                    y
+
+            y3, bnMoments
+
+        let fused () =
+            let rowMean, centred, m2 = Fused.rowMoments x3
+
+            let inst = {
+                Count = float x3.shape[2]
+                Mean = rowMean
+                M2 = m2
+            }
+
+            let bnMoments = if bnFromBatch then Some(Moments.reduce 0L inst) else None
+
+            let stats =
+                spec.Components
+                |> List.map (fun comp ->
+                    match comp, bnMoments, running with
+                    | Instance, _, _ -> PerRow, inst.Count, rowMean, Moments.variance inst
+                    | Layer, _, _ ->
+                        let l = Moments.reduce 1L inst
+                        PerSample, l.Count, l.Mean, Moments.variance l
+                    | Batch, Some b, _ -> PerChannel, b.Count, b.Mean, Moments.variance b
+                    | Batch, None, Some r -> Constant, 0.0, (r.Mean.to_type cd).view (1L, -1L), (r.Var.to_type cd).view (1L, -1L)
+                    | Batch, None, None -> invalidOp "unreachable: BN without batch or running statistics")
+                |> Array.ofList
+
+            let fs: FusedStats = {
+                Kinds = stats |> Array.map (fun (k, _, _, _) -> k)
+                Counts = stats |> Array.map (fun (_, c, _, _) -> c)
+                Means = stats |> Array.map (fun (_, _, m, _) -> m)
+                Vars = stats |> Array.map (fun (_, _, _, v) -> v)
+                RowMean = rowMean
+                Centred = centred
+                Eps = spec.Eps
+            }
+
+            let wMean = spec.Switch(p.MeanLogits.to_type cd)
+            let wVar = spec.Switch(p.VarLogits.to_type cd)
+
+            let y3 =
+                if needsGraph [ wMean; wVar ] then
+                    torch.autograd.SingleTensorFunction<SwitchNormFunction>.apply (box x3, box gamma, box beta, box wMean, box wVar, box fs)
+                else
+                    use _ = torch.no_grad ()
+                    let y, _, _ = Fused.outputOf fs gamma beta wMean wVar
+                    y
+
+            y3, bnMoments
+
+        let y3, bnMoments =
+            if not spec.Fused then composed ()
+            elif KernelNorm.applies x3 then kernel ()
+            else fused ()
+
         let y = y3.view (x.shape)
         let y = if y.dtype = origDtype then y else y.to_type origDtype
 
