@@ -258,8 +258,9 @@ module Functional =
                 else
                     None
 
-            let wMean = spec.Switch(p.MeanLogits.to_type cd)
-            let wVar = spec.Switch(p.VarLogits.to_type cd)
+            // float64 weights: the kernel mixes in float64
+            let wMean = spec.Switch(p.MeanLogits.to_type torch.ScalarType.Float64)
+            let wVar = spec.Switch(p.VarLogits.to_type torch.ScalarType.Float64)
 
             let y3 =
                 if needsGraph [ wMean; wVar ] then

@@ -73,7 +73,9 @@ module internal Fused =
     /// Mixed mean μ [N, C], 1/sqrt(σ² + eps) [N, C], and the output.
     let outputOf (st: FusedStats) (gamma: torch.Tensor) (beta: torch.Tensor) (wMean: torch.Tensor) (wVar: torch.Tensor) =
         let n, c = st.RowMean.shape[0], st.RowMean.shape[1]
-        let mu = (Mixing.mix wMean (List.ofArray st.Means)).expand (n, c)
+        // μ = rowMean + Σ w·(mean − rowMean): the weights' rounding only scales small differences.
+        let offsets = st.Means |> Array.map (fun m -> m - st.RowMean) |> List.ofArray
+        let mu = (st.RowMean + Mixing.mix wMean offsets).expand (n, c)
         use var = Mixing.mix wVar (List.ofArray st.Vars)
         use varEps = var + st.Eps
         let r = varEps.rsqrt().expand (n, c)
@@ -182,7 +184,7 @@ type internal SwitchNormFunction() =
         // ∂L/∂μ and ∂L/∂σ² per (n, c).
         let dMu = -(gr * sumG)
         let dVar = gr * r.square () * sumGxMu * -0.5
-        let dwm = torch.stack [ for m in means -> (dMu * m).sum () ]
+        let dwm = torch.stack [ for m in means -> (dMu * (m - rowMean)).sum () ]
         let dwv = torch.stack [ for v in vars -> (dVar * v).sum () ]
 
         let dx =

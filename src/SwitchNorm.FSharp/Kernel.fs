@@ -367,15 +367,18 @@ module internal KernelNorm =
         let mu = Array.zeroCreate rows
         let var = Array.zeroCreate rows
 
+        // μ = rowMean + Σ w·(mean − rowMean): the same as Σ w·mean for weights summing to 1, but the weights'
+        // rounding only scales the (small) differences, never a large common offset.
         for k in 0 .. plan.Components.Length - 1 do
             let m = plan.Components[k].Mean
             let v = plan.Components[k].Var
 
             for i in 0 .. rows - 1 do
-                mu[i] <- mu[i] + wm[k] * m[i]
+                mu[i] <- mu[i] + wm[k] * (m[i] - plan.Stats.Mean[i])
                 var[i] <- var[i] + wv[k] * v[i]
 
         for i in 0 .. rows - 1 do
+            mu[i] <- mu[i] + plan.Stats.Mean[i]
             var[i] <- 1.0 / sqrt (var[i] + plan.Eps)
 
         mu, var
@@ -500,7 +503,7 @@ module internal KernelNorm =
             let v = plan.Components[j].Var
 
             for i in 0 .. rows - 1 do
-                dwm[j] <- dwm[j] + dMu[i] * m[i]
+                dwm[j] <- dwm[j] + dMu[i] * (m[i] - st.Mean[i])
                 dwv[j] <- dwv[j] + dVar[i] * v[i]
 
         let dx =
@@ -554,7 +557,7 @@ module internal KernelNorm =
         dx, dGamma, dBeta, dwm, dwv
 
 /// The kernel normalizer as an autograd function. Inputs: x (N, C, S) contiguous float32, weight [C] or null,
-/// bias [C] or null, mean weights [K], variance weights [K], and the <see cref="T:SwitchNorm.KernelPlan"/> of x.
+/// bias [C] or null, mean weights [K] and variance weights [K] in float64, and the <see cref="T:SwitchNorm.KernelPlan"/> of x.
 /// Keeps x and O(N·C) values for the backward.
 type internal SwitchNormKernelFunction() =
     inherit torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>()
@@ -605,12 +608,15 @@ type internal SwitchNormKernelFunction() =
         let dx, dGamma, dBeta, dwm, dwv = KernelNorm.backward x3 grad3 sv
         let f32 (a: float[]) = torch.tensor (Array.map float32 a)
 
+        let f64 (a: float[]) =
+            torch.tensor (a, dtype = torch.ScalarType.Float64)
+
         let grads = [
             dx
             (if sv.Gamma.IsSome then f32 dGamma else null)
             (if sv.HasBias then f32 dBeta else null)
-            f32 dwm
-            f32 dwv
+            f64 dwm
+            f64 dwv
         ]
 
         GradHandOver.Keep grads

@@ -96,6 +96,15 @@ type SwitchNormNd
                     Momentum = Option.ofNullable v
             }
 
+    /// <summary>
+    /// True (the default): the fused implementation (row kernels for float32 on the CPU, a hand-written
+    /// backward). False: the plain composition of tensor operations differentiated by autograd, slower but
+    /// twice differentiable (create_graph). Both compute the same function.
+    /// </summary>
+    member _.Fused
+        with get () = spec.Fused
+        and set (v: bool) = spec <- { spec with Fused = v }
+
     /// Whether the layer has a per-channel weight and bias.
     member _.affine = affine
 

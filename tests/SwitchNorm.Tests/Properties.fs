@@ -113,7 +113,9 @@ let instanceSlicesNormalized (Shape4 s) (seed: int) =
     close 1e-10 (y.mean [| 2L |]) (torch.zeros_like v)
     && close 1e-8 (y.var (2L, unbiased = false)) expected
 
-[<Properties(Arbitrary = [| typeof<Arbs> |], MaxTest = 60)>]
+open PropertySuite
+
+[<Properties(Arbitrary = [| typeof<Arbs>; typeof<SuiteArbs> |], MaxTest = 60)>]
 module XunitRunner =
     [<Property>]
     let ``convex weights`` l = convexWeights l
@@ -131,13 +133,72 @@ module XunitRunner =
     [<Property>]
     let ``IN slices are normalized`` s seed = instanceSlicesNormalized s seed
 
+    [<Property>]
+    let ``fused equals composed, float64`` c = fusedEqualsComposed f64 c
+
+    [<Property>]
+    let ``fused equals composed, float32`` c = fusedEqualsComposed f32 c
+
+    [<Property>]
+    let ``agrees with the float64 array reference, float64`` c = referenceAgreement f64 c
+
+    [<Property>]
+    let ``agrees with the float64 array reference, float32`` c = referenceAgreement f32 c
+
+    [<Property>]
+    let ``gradients agree with finite differences of the reference`` c = referenceGradients c
+
+    [<Property>]
+    let ``one-component outputs are normalized per group`` c = normalizedSlices c
+
+    [<Property>]
+    let ``scaling the input equals dividing eps by s squared`` c s = scalingIsEps c s
+
+    [<Property>]
+    let ``batch permutation and translation`` c = batchSymmetries c
+
+    [<Property>]
+    let ``train and eval consistency, buffers untouched in eval`` c = trainEvalConsistency c
+
+    [<Property>]
+    let ``running statistics follow the closed form`` c k = runningClosedForm c k
+
+    [<Property>]
+    let ``moment merging laws`` c a b = mergeLaws c a b
+
+    [<Property>]
+    let ``gradient flow`` c = gradientFlow c
+
+    [<Property>]
+    let ``a single value per channel is refused`` c = singleValueRefused c
+
+    [<Property>]
+    let ``float16 within rounding of float32`` c big =
+        halfPrecision torch.ScalarType.Float16 c big
+
+    [<Property>]
+    let ``bfloat16 within rounding of float32`` c big =
+        halfPrecision torch.ScalarType.BFloat16 c big
+
+    [<Property>]
+    let ``NaN and Inf inputs, float64`` c w p = nonFiniteInput f64 c w p
+
+    [<Property>]
+    let ``NaN and Inf inputs, float32`` c w p = nonFiniteInput f32 c w p
+
 module ExpectoRunner =
     open Expecto
 
+    /// Cases per property: 60, or SWITCHNORM_PROPERTY_CASES for a longer hunt (e.g. 2000 before a release).
+    let private cases =
+        match Int32.TryParse(Environment.GetEnvironmentVariable "SWITCHNORM_PROPERTY_CASES") with
+        | true, n when n > 0 -> n
+        | _ -> 60
+
     let private config = {
         FsCheckConfig.defaultConfig with
-            arbitrary = [ typeof<Arbs> ]
-            maxTest = 60
+            arbitrary = [ typeof<Arbs>; typeof<SuiteArbs> ]
+            maxTest = cases
     }
 
     let tests =
@@ -147,6 +208,23 @@ module ExpectoRunner =
             testPropertyWithConfig config "translation invariance" translationInvariant
             testPropertyWithConfig config "batch permutation equivariance" batchPermutationEquivariant
             testPropertyWithConfig config "IN slices are normalized" instanceSlicesNormalized
+            testPropertyWithConfig config "fused equals composed, float64" (fusedEqualsComposed f64)
+            testPropertyWithConfig config "fused equals composed, float32" (fusedEqualsComposed f32)
+            testPropertyWithConfig config "agrees with the float64 array reference, float64" (referenceAgreement f64)
+            testPropertyWithConfig config "agrees with the float64 array reference, float32" (referenceAgreement f32)
+            testPropertyWithConfig config "gradients agree with finite differences of the reference" referenceGradients
+            testPropertyWithConfig config "one-component outputs are normalized per group" normalizedSlices
+            testPropertyWithConfig config "scaling the input equals dividing eps by s squared" scalingIsEps
+            testPropertyWithConfig config "batch permutation and translation" batchSymmetries
+            testPropertyWithConfig config "train and eval consistency, buffers untouched in eval" trainEvalConsistency
+            testPropertyWithConfig config "running statistics follow the closed form" runningClosedForm
+            testPropertyWithConfig config "moment merging laws" mergeLaws
+            testPropertyWithConfig config "gradient flow" gradientFlow
+            testPropertyWithConfig config "a single value per channel is refused" singleValueRefused
+            testPropertyWithConfig config "float16 within rounding of float32" (halfPrecision torch.ScalarType.Float16)
+            testPropertyWithConfig config "bfloat16 within rounding of float32" (halfPrecision torch.ScalarType.BFloat16)
+            testPropertyWithConfig config "NaN and Inf inputs, float64" (nonFiniteInput f64)
+            testPropertyWithConfig config "NaN and Inf inputs, float32" (nonFiniteInput f32)
         ]
 
     /// `dotnet test` has no Expecto adapter here, so this fact runs the Expecto tree and requires exit code 0.
