@@ -1,11 +1,14 @@
 /// A dedicated timing program (BenchmarkDotNet's process model and libtorch's thread pool do not mix well):
-/// SwitchNorm2d against TorchSharp's BatchNorm2d in the same process and run, with the thread count stated.
-/// Usage: dotnet run -c Release --project bench/SwitchNorm.Bench [-- --quick]
+/// SwitchNorm2d against TorchSharp's BatchNorm2d and the other norms in the same process and run, with the
+/// thread count stated. Usage: dotnet run -c Release --project bench/SwitchNorm.Bench [-- --quick]
 module Program
 
 open System
 open System.Diagnostics
 open TorchSharp
+open SwitchNorm
+
+type Module = torch.nn.Module<torch.Tensor, torch.Tensor>
 
 let median (xs: float list) =
     let a = List.sort xs |> Array.ofList
@@ -26,10 +29,49 @@ let time (warm: int) (reps: int) (f: unit -> unit) =
     ]
     |> median
 
+let rssMB () =
+    use p = Process.GetCurrentProcess()
+    float p.WorkingSet64 / 1048576.0
+
+/// MB of native memory a training forward keeps alive for its backward, beyond its input and output:
+/// RSS after the forward (graph alive) minus RSS before, minus the output's size; median of 5.
+let graphMB (m: Module) (x: torch.Tensor) =
+    [
+        for _ in 1..5 ->
+            use _ = torch.NewDisposeScope()
+            GC.Collect()
+            let xr = x.detach().requires_grad_ (true)
+            let before = rssMB ()
+            let y = m.forward xr
+            let after = rssMB ()
+            after - before - float (y.NumberOfElements * 4L) / 1048576.0
+    ]
+    |> median
+
+/// Runs every code path enough times for .NET's tiered JIT to promote it to optimized code, so the timings
+/// below measure the steady state of a training loop rather than the first calls.
+let warmUp () =
+    let x = torch.randn (4L, 8L, 6L, 6L)
+
+    for fused in [ true; false ] do
+        let sn = new SwitchNorm2d(8L)
+        sn.Fused <- fused
+
+        for _ in 1..300 do
+            use _ = torch.NewDisposeScope()
+            sn.train () |> ignore
+            (sn.forward (x.detach().requires_grad_ (true))).sum().backward ()
+            sn.eval () |> ignore
+            use _ = torch.no_grad ()
+            sn.forward x |> ignore
+
+    Threading.Thread.Sleep 500
+
 [<EntryPoint>]
 let main argv =
     let quick = Array.contains "--quick" argv
-    let reps = if quick then 5 else 15
+    let reps = if quick then 7 else 21
+    let warm = 3
 
     let shapes =
         if quick then
@@ -42,13 +84,17 @@ let main argv =
                 [| 2L; 64L; 112L; 112L |]
             ]
 
+    warmUp ()
+
     printfn
-        "date %s, float32, CPU, median of %d runs; ratios are SwitchNorm2d / BatchNorm2d in the same run"
+        "date %s, float32, CPU (%d logical cores), median of %d runs after warm-up; ratios are to BatchNorm2d in the same run"
         (DateTime.UtcNow.ToString "yyyy-MM-dd")
+        Environment.ProcessorCount
         reps
 
-    printfn "| threads | shape | copy ms | BN train ms | SN train ms | train ratio | BN eval ms | SN eval ms | eval ratio |"
-    printfn "|---|---|---|---|---|---|---|---|---|"
+    printfn ""
+    printfn "| threads | shape | subject | train step ms | × BN | train fwd ms | × BN | eval ms | × BN | eval × copy | graph MB |"
+    printfn "|---|---|---|---|---|---|---|---|---|---|---|"
 
     for threads in [ 1; 2 ] do
         torch.set_num_threads threads
@@ -58,39 +104,64 @@ let main argv =
             let c = shape[1]
             let x = torch.randn shape
             let g = torch.randn shape
-            let bn = torch.nn.BatchNorm2d(c)
-            let sn = new SwitchNorm.SwitchNorm2d(c)
+            let fused = new SwitchNorm2d(c)
+            let composed = new SwitchNorm2d(c)
+            composed.Fused <- false
 
-            let trainStep (m: torch.nn.Module<torch.Tensor, torch.Tensor>) () =
-                let xr = x.detach().requires_grad_ (true)
-                (m.forward xr * g).sum().backward ()
-                m.zero_grad ()
+            let subjects: (string * Module) list = [
+                "BatchNorm2d", torch.nn.BatchNorm2d(c)
+                "SwitchNorm2d", fused
+                "SwitchNorm2d composed", composed
+                "InstanceNorm2d", torch.nn.InstanceNorm2d(c, affine = true)
+                "LayerNorm", torch.nn.LayerNorm([| c; shape[2]; shape[3] |])
+                "GroupNorm(32)", torch.nn.GroupNorm(32L, c)
+            ]
 
-            let evalFwd (m: torch.nn.Module<torch.Tensor, torch.Tensor>) () =
-                use _ = torch.no_grad ()
-                m.forward x |> ignore
-
-            let copy = time 2 reps (fun () -> x.clone () |> ignore)
-            bn.train () |> ignore
-            sn.train () |> ignore
-            let bnT = time 2 reps (trainStep bn)
-            let snT = time 2 reps (trainStep sn)
-            bn.eval () |> ignore
-            sn.eval () |> ignore
-            let bnE = time 2 reps (evalFwd bn)
-            let snE = time 2 reps (evalFwd sn)
+            let copy = time warm reps (fun () -> x.clone () |> ignore)
             let shapeText = "(" + String.Join(",", shape) + ")"
 
-            printfn
-                "| %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |"
-                threads
-                shapeText
-                copy
-                bnT
-                snT
-                (snT / bnT)
-                bnE
-                snE
-                (snE / bnE)
+            let measure (m: Module) =
+                m.train () |> ignore
+
+                let step =
+                    time warm reps (fun () ->
+                        let xr = x.detach().requires_grad_ (true)
+                        (m.forward xr * g).sum().backward ()
+                        m.zero_grad ())
+
+                let fwd =
+                    time warm reps (fun () ->
+                        let xr = x.detach().requires_grad_ (true)
+                        m.forward xr |> ignore)
+
+                let mb = graphMB m x
+                m.eval () |> ignore
+
+                let ev =
+                    time warm reps (fun () ->
+                        use _ = torch.no_grad ()
+                        m.forward x |> ignore)
+
+                step, fwd, ev, mb
+
+            let results = subjects |> List.map (fun (name, m) -> name, measure m)
+            let _, (bnStep, bnFwd, bnEval, _) = List.head results
+
+            for (name, (step, fwd, ev, mb)) in results do
+                printfn
+                    "| %d | %s | %s | %.3f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.1f |"
+                    threads
+                    shapeText
+                    name
+                    step
+                    (step / bnStep)
+                    fwd
+                    (fwd / bnFwd)
+                    ev
+                    (ev / bnEval)
+                    (ev / copy)
+                    mb
+
+            printfn "| %d | %s | copy (x.clone) | | | %.3f | | | | | |" threads shapeText copy
 
     0

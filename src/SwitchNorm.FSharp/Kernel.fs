@@ -10,166 +10,17 @@ open System.Runtime.InteropServices
 open System.Threading.Tasks
 open Microsoft.FSharp.NativeInterop
 open TorchSharp
+open SwitchNorm.Kernels
 
-/// <summary>
-/// Row kernels over contiguous float32 (N·C, S) data on the CPU: the per-row passes of the fused normalizer,
-/// vectorized with <see cref="T:System.Numerics.Vector`1"/>. Each row is summed in float32 vectors over
-/// blocks of 1024 values and the block sums are added in float64, so a row's sums carry float32 rounding of
-/// at most a block, never of the whole row. The loops are compiled fully optimized at once
-/// (AggressiveOptimization): left to tiered compilation they can run as unoptimized tier-0 code for a while,
-/// about 5 times slower.
-/// </summary>
+/// Access to tensor memory and row parallelism for the kernel normalizer. The row passes themselves are in
+/// SwitchNorm.Kernels (C#), because F# does not emit MethodImplOptions.AggressiveOptimization and those
+/// loops must be optimized from the first call.
 module internal Kernel =
-
-    let private block = 1024
-
-    let inline private load (p: nativeptr<float32>) (i: int) =
-        Unsafe.ReadUnaligned<Vector<float32>>(NativePtr.toVoidPtr (NativePtr.add p i))
-
-    let inline private store (p: nativeptr<float32>) (i: int) (v: Vector<float32>) =
-        Unsafe.WriteUnaligned<Vector<float32>>(NativePtr.toVoidPtr (NativePtr.add p i), v)
 
     /// The address of a contiguous CPU tensor's first element.
     let pointer (t: torch.Tensor) : nativeptr<float32> =
         let bytes = t.bytes
         NativePtr.ofVoidPtr (Unsafe.AsPointer(&MemoryMarshal.GetReference bytes))
-
-    /// Σ p[i] over a row of length len, in float64 across blocks.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let rowSum (p: nativeptr<float32>) (len: int) : float =
-        let w = Vector<float32>.Count
-        let mutable total = 0.0
-        let mutable i = 0
-
-        while i < len do
-            let stop = min len (i + block)
-            let mutable acc = Vector<float32>.Zero
-
-            while i + w <= stop do
-                acc <- acc + load p i
-                i <- i + w
-
-            let mutable s = float (Vector.Sum acc)
-
-            while i < stop do
-                s <- s + float (NativePtr.get p i)
-                i <- i + 1
-
-            total <- total + s
-
-        total
-
-    /// (Σ (p[i] − a), Σ (p[i] − a)²) over a row: the centred sums about a (the row's rounded mean).
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let rowCentred (p: nativeptr<float32>) (len: int) (a: float32) : struct (float * float) =
-        let w = Vector<float32>.Count
-        let va = Vector<float32>(a)
-        let mutable s1 = 0.0
-        let mutable s2 = 0.0
-        let mutable i = 0
-
-        while i < len do
-            let stop = min len (i + block)
-            let mutable acc1 = Vector<float32>.Zero
-            let mutable acc2 = Vector<float32>.Zero
-
-            while i + w <= stop do
-                let d = load p i - va
-                acc1 <- acc1 + d
-                acc2 <- acc2 + d * d
-                i <- i + w
-
-            let mutable t1 = float (Vector.Sum acc1)
-            let mutable t2 = float (Vector.Sum acc2)
-
-            while i < stop do
-                let d = NativePtr.get p i - a
-                t1 <- t1 + float d
-                t2 <- t2 + float d * float d
-                i <- i + 1
-
-            s1 <- s1 + t1
-            s2 <- s2 + t2
-
-        struct (s1, s2)
-
-    /// (Σ g[i], Σ g[i]·(x[i] − a)) over a row.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let rowGradSums (g: nativeptr<float32>) (x: nativeptr<float32>) (len: int) (a: float32) : struct (float * float) =
-        let w = Vector<float32>.Count
-        let va = Vector<float32>(a)
-        let mutable s1 = 0.0
-        let mutable s2 = 0.0
-        let mutable i = 0
-
-        while i < len do
-            let stop = min len (i + block)
-            let mutable acc1 = Vector<float32>.Zero
-            let mutable acc2 = Vector<float32>.Zero
-
-            while i + w <= stop do
-                let gv = load g i
-                acc1 <- acc1 + gv
-                acc2 <- acc2 + gv * (load x i - va)
-                i <- i + w
-
-            let mutable t1 = float (Vector.Sum acc1)
-            let mutable t2 = float (Vector.Sum acc2)
-
-            while i < stop do
-                let gv = NativePtr.get g i
-                t1 <- t1 + float gv
-                t2 <- t2 + float gv * float (NativePtr.get x i - a)
-                i <- i + 1
-
-            s1 <- s1 + t1
-            s2 <- s2 + t2
-
-        struct (s1, s2)
-
-    /// dst[i] = (x[i] − a) · scale + shift over a row.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let rowAffine (x: nativeptr<float32>) (dst: nativeptr<float32>) (len: int) (a: float32) (scale: float32) (shift: float32) =
-        let w = Vector<float32>.Count
-        let va = Vector<float32>(a)
-        let vs = Vector<float32>(scale)
-        let vb = Vector<float32>(shift)
-        let mutable i = 0
-
-        while i + w <= len do
-            store dst i ((load x i - va) * vs + vb)
-            i <- i + w
-
-        while i < len do
-            NativePtr.set dst i ((NativePtr.get x i - a) * scale + shift)
-            i <- i + 1
-
-    /// dst[i] = p · g[i] + q · (x[i] − a) + r over a row.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let rowGradInput
-        (g: nativeptr<float32>)
-        (x: nativeptr<float32>)
-        (dst: nativeptr<float32>)
-        (len: int)
-        (a: float32)
-        (p: float32)
-        (q: float32)
-        (r: float32)
-        =
-        let w = Vector<float32>.Count
-        let va = Vector<float32>(a)
-        let vp = Vector<float32>(p)
-        let vq = Vector<float32>(q)
-        let vr = Vector<float32>(r)
-        let mutable i = 0
-
-        while i + w <= len do
-            store dst i (vp * load g i + vq * (load x i - va) + vr)
-            i <- i + w
-
-        while i < len do
-            NativePtr.set dst i (p * NativePtr.get g i + q * (NativePtr.get x i - a) + r)
-            i <- i + 1
 
     /// Runs body lo hi over [0, rows) split into contiguous ranges, one per libtorch thread
     /// (torch.get_num_threads), or inline when the work is small.
@@ -235,8 +86,7 @@ type internal KernelSaved = {
     InputNeedsGrad: bool
 }
 
-/// The fused normalizer on float32 CPU data: one kernel call per pass, O(N·C) mixing in float64. Every loop
-/// lives in a function compiled fully optimized at once, as the row kernels are.
+/// The fused normalizer on float32 CPU data: one kernel call per pass over the data, O(N·C) mixing in float64.
 module internal KernelNorm =
 
     let private values (t: torch.Tensor) : float[] =
@@ -253,16 +103,6 @@ module internal KernelNorm =
         && x3.numel () > 0L
         && x3.numel () <= int64 Int32.MaxValue / 4L
 
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let private statsRows (px: nativeptr<float32>) (s: int) (centre: float32[]) (mean: float[]) (m2: float[]) (lo: int) (hi: int) =
-        for i in lo .. hi - 1 do
-            let p = NativePtr.add px (i * s)
-            let a = float32 (Kernel.rowSum p s / float s)
-            let struct (s1, s2) = Kernel.rowCentred p s a
-            centre[i] <- a
-            mean[i] <- float a + s1 / float s
-            m2[i] <- max 0.0 (s2 - s1 * s1 / float s)
-
     /// Per-row mean and centred sum of squares of a contiguous float32 x3: a mean pass and a centred pass per
     /// row (the second one mostly from cache), corrected by the centred sum so the rounded centre costs nothing.
     let rowStats (x3: torch.Tensor) : RowStats =
@@ -272,7 +112,7 @@ module internal KernelNorm =
         let centre = Array.zeroCreate rows
         let mean = Array.zeroCreate rows
         let m2 = Array.zeroCreate rows
-        Kernel.forRows rows s (fun lo hi -> statsRows px s centre mean m2 lo hi)
+        Kernel.forRows rows s (fun lo hi -> RowKernels.Stats(px, s, centre, mean, m2, lo, hi))
 
         {
             N = n
@@ -285,7 +125,6 @@ module internal KernelNorm =
 
     /// Pools rows per sample (bySample) or per channel by the law of total variance: count, mean and biased
     /// variance of each group.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
     let private pool (st: RowStats) (bySample: bool) =
         let groups = if bySample then st.N else st.C
         let rows = st.N * st.C
@@ -313,7 +152,6 @@ module internal KernelNorm =
     let batchStats (st: RowStats) = pool st false
 
     /// values[g] at every row of group g (per sample or per channel).
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
     let private expandRows (st: RowStats) (bySample: bool) (values: float[]) =
         let out = Array.zeroCreate (st.N * st.C)
 
@@ -361,7 +199,6 @@ module internal KernelNorm =
         }
 
     /// Mixed mean and 1/sqrt(var + eps) per row.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
     let private mixed (plan: KernelPlan) (wm: float[]) (wv: float[]) =
         let rows = plan.Stats.N * plan.Stats.C
         let mu = Array.zeroCreate rows
@@ -383,21 +220,7 @@ module internal KernelNorm =
 
         mu, var
 
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let private affineRows
-        (px: nativeptr<float32>)
-        (py: nativeptr<float32>)
-        (st: RowStats)
-        (scale: float32[])
-        (shift: float32[])
-        (lo: int)
-        (hi: int)
-        =
-        for i in lo .. hi - 1 do
-            Kernel.rowAffine (NativePtr.add px (i * st.S)) (NativePtr.add py (i * st.S)) st.S st.Centre[i] scale[i] shift[i]
-
     /// The normalized output (N, C, S) of a contiguous float32 x3, with the mixed mean and 1/std per row.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
     let output (x3: torch.Tensor) (plan: KernelPlan) (gamma: float[] option) (beta: float[] option) (wm: float[]) (wv: float[]) =
         let st = plan.Stats
         let rows = st.N * st.C
@@ -424,44 +247,10 @@ module internal KernelNorm =
         let y = torch.empty_like x3
         let px = Kernel.pointer x3
         let py = Kernel.pointer y
-        Kernel.forRows rows st.S (fun lo hi -> affineRows px py st scale shift lo hi)
+        Kernel.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.S, st.Centre, scale, shift, lo, hi))
         y, mu, r
 
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let private gradSumRows
-        (pg: nativeptr<float32>)
-        (px: nativeptr<float32>)
-        (st: RowStats)
-        (sumG: float[])
-        (sumGx: float[])
-        (lo: int)
-        (hi: int)
-        =
-        for i in lo .. hi - 1 do
-            let struct (a, b) =
-                Kernel.rowGradSums (NativePtr.add pg (i * st.S)) (NativePtr.add px (i * st.S)) st.S st.Centre[i]
-
-            sumG[i] <- a
-            sumGx[i] <- b
-
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
-    let private gradInputRows
-        (pg: nativeptr<float32>)
-        (px: nativeptr<float32>)
-        (pd: nativeptr<float32>)
-        (st: RowStats)
-        (p: float32[])
-        (q: float32[])
-        (r: float32[])
-        (lo: int)
-        (hi: int)
-        =
-        for i in lo .. hi - 1 do
-            let o = i * st.S
-            Kernel.rowGradInput (NativePtr.add pg o) (NativePtr.add px o) (NativePtr.add pd o) st.S st.Centre[i] p[i] q[i] r[i]
-
     /// Gradients of Σ grad·y with respect to x (or null), weight, bias and both mixing-weight vectors.
-    [<MethodImpl(MethodImplOptions.AggressiveOptimization)>]
     let backward (x3: torch.Tensor) (grad3: torch.Tensor) (sv: KernelSaved) =
         let plan = sv.Plan
         let st = plan.Stats
@@ -470,7 +259,7 @@ module internal KernelNorm =
         let pg = Kernel.pointer grad3
         let sumG = Array.zeroCreate rows
         let sumGx = Array.zeroCreate rows
-        Kernel.forRows rows st.S (fun lo hi -> gradSumRows pg px st sumG sumGx lo hi)
+        Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradSums(pg, px, st.S, st.Centre, sumG, sumGx, lo, hi))
 
         let dGamma = Array.zeroCreate st.C
         let dBeta = Array.zeroCreate st.C
@@ -551,7 +340,7 @@ module internal KernelNorm =
                 let c32 = Array.map float32 c0
                 let dx = torch.empty_like x3
                 let pd = Kernel.pointer dx
-                Kernel.forRows rows st.S (fun lo hi -> gradInputRows pg px pd st p32 q32 c32 lo hi)
+                Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradInput(pg, px, pd, st.S, st.Centre, p32, q32, c32, lo, hi))
                 dx
 
         dx, dGamma, dBeta, dwm, dwv

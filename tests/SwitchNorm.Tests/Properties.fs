@@ -51,8 +51,7 @@ type Arbs =
         Gen.oneof [ normal; extreme; equal; oneHot ] |> Gen.map Logits3 |> Arb.fromGen
 
 let private input (Shape4 s) (seed: int) =
-    torch.random.manual_seed (int64 seed) |> ignore
-    torch.randn (s, dtype = f64) * 3.0 + 1.0
+    TestUtil.randnSeeded (int64 seed) s f64 * 3.0 + 1.0
 
 let private layer (c: int64) (Logits3 lm) (Logits3 lv) =
     let m = new SwitchNorm2d(c, dtype = f64)
@@ -98,7 +97,7 @@ let translationInvariant (Shape4 s) (seed: int) (lm: Logits3) (lv: Logits3) =
 let batchPermutationEquivariant (Shape4 s) (seed: int) (lm: Logits3) (lv: Logits3) =
     let x = input (Shape4 s) seed
     let m = layer s[1] lm lv
-    let perm = torch.randperm (s[0])
+    let perm = TestUtil.randpermSeeded (int64 seed) s[0]
     close 1e-10 (m.forward (x.index_select (0L, perm))) ((m.forward x).index_select (0L, perm))
 
 /// IN-only with weight 1 and bias 0: every (n, c) slice has mean 0 and variance var/(var + eps).

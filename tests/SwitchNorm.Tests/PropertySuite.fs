@@ -107,8 +107,7 @@ type SuiteArbs =
 
 /// The input of a case at a given step, in float64 (cast it for other dtypes).
 let input (c: Case) (step: int) =
-    seeded (int64 (c.Seed * 7 + step))
-    let x = torch.randn (c.Shape, dtype = f64)
+    let x = randnSeeded (int64 (c.Seed * 7 + step)) c.Shape f64
 
     match c.Input with
     | Normal -> x
@@ -160,9 +159,8 @@ let moduleFor (c: Case) (dtype: torch.ScalarType) (fused: bool) : SwitchNormNd =
     m.var_weight.copy_ (torch.tensor (c.VarLogits, dtype = f64)) |> ignore
 
     if c.Affine && not c.LastGamma then
-        seeded (int64 c.Seed + 11L)
-        m.weight.copy_ (torch.rand (c.C, dtype = f64) + 0.5) |> ignore
-        m.bias.copy_ (torch.randn (c.C, dtype = f64)) |> ignore
+        m.weight.copy_ (randSeeded (int64 c.Seed + 11L) [| c.C |] f64 + 0.5) |> ignore
+        m.bias.copy_ (randnSeeded (int64 c.Seed + 12L) [| c.C |] f64) |> ignore
 
     m
 
@@ -246,8 +244,7 @@ let train (c: Case) (dtype: torch.ScalarType) (fused: bool) (inputDtype: torch.S
 
     let steps = [
         for step in 1..2 ->
-            seeded (int64 (c.Seed + 100 * step))
-            let g = torch.randn (c.Shape, dtype = f64)
+            let g = randnSeeded (int64 (c.Seed + 100 * step)) c.Shape f64
             observe m dtype (rounded (input c step)) (rounded g)
     ]
 
@@ -257,8 +254,7 @@ let train (c: Case) (dtype: torch.ScalarType) (fused: bool) (inputDtype: torch.S
 let evalStep (c: Case) (m: SwitchNormNd) (dtype: torch.ScalarType) (inputDtype: torch.ScalarType) =
     let rounded (t: torch.Tensor) = t.to_type(inputDtype).to_type f64
     m.eval () |> ignore
-    seeded (int64 c.Seed + 999L)
-    let g = torch.randn (c.Shape, dtype = f64)
+    let g = randnSeeded (int64 c.Seed + 999L) c.Shape f64
     observe m dtype (rounded (input c 3)) (rounded g)
 
 /// The default (fused) path equals the plain composition differentiated by autograd (the reference path):
@@ -357,9 +353,7 @@ let referenceGradients (c: Case) =
     let m = moduleFor c f64 true
     let x = input c 1
 
-    let g =
-        (seeded (int64 c.Seed + 5L)
-         torch.randn (c.Shape, dtype = f64))
+    let g = randnSeeded (int64 c.Seed + 5L) c.Shape f64
 
     let gv = values g
 
@@ -496,9 +490,7 @@ let scalingIsEps (c: Case) (scaleIndex: int) =
 let batchSymmetries (c: Case) =
     let x = input c 1
 
-    let perm =
-        (seeded (int64 c.Seed)
-         torch.randperm c.N)
+    let perm = randpermSeeded (int64 c.Seed) c.N
 
     let m = moduleFor { c with Track = false } f64 true
     assertClose "batch permutation" 1e-10 (m.forward (x.index_select (0L, perm))) ((m.forward x).index_select (0L, perm))
@@ -592,9 +584,7 @@ let gradientFlow (c: Case) =
     let m = moduleFor { c with LastGamma = false } f64 true
     let x = input c 1
 
-    let g =
-        (seeded (int64 c.Seed + 3L)
-         torch.randn (c.Shape, dtype = f64))
+    let g = randnSeeded (int64 c.Seed + 3L) c.Shape f64
 
     (m.forward x * g).sum().backward ()
 
@@ -631,9 +621,7 @@ let gradientFlow (c: Case) =
 let singleValueRefused (c: Case) =
     let shape = Array.append [| 1L; c.C |] (Array.create (c.Shape.Length - 2) 1L)
 
-    let x =
-        (seeded (int64 c.Seed)
-         torch.randn (shape, dtype = f64))
+    let x = randnSeeded (int64 c.Seed) shape f64
 
     let m =
         moduleFor

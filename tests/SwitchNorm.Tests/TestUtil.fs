@@ -4,6 +4,11 @@ open System
 open TorchSharp
 open Xunit
 
+// Tests share libtorch's global random generator (torch.random.manual_seed): run them one at a time, so a seed
+// gives the same values whatever else is running.
+[<assembly: CollectionBehavior(DisableTestParallelization = true)>]
+do ()
+
 /// Tolerances follow from the dtype's unit roundoff u: float64 u = 1.1e-16, float32 u = 6.0e-8.
 /// Normalized outputs are O(1) and come out of reductions over at most a few thousand values, whose
 /// rounding error grows like log2(n)·u for pairwise sums; a factor of about 100·u covers that with margin
@@ -43,6 +48,24 @@ let exactEq (a: torch.Tensor) (b: torch.Tensor) =
     a.shape = b.shape && (a.eq b).all().item<bool> ()
 
 let seeded (seed: int64) = torch.random.manual_seed seed |> ignore
+
+/// A generator of its own for one draw: unlike the global seed, unaffected by tests running on other threads.
+let private generator (seed: int64) = new torch.Generator(uint64 seed)
+
+/// Standard normal values of the given shape from a private generator seeded with seed.
+let randnSeeded (seed: int64) (shape: int64[]) (dtype: torch.ScalarType) =
+    use g = generator seed
+    torch.randn (shape, dtype = dtype, generator = g)
+
+/// Uniform [0, 1) values of the given shape from a private generator seeded with seed.
+let randSeeded (seed: int64) (shape: int64[]) (dtype: torch.ScalarType) =
+    use g = generator seed
+    torch.rand (shape, dtype = dtype, generator = g)
+
+/// A random permutation of 0 .. n − 1 from a private generator seeded with seed.
+let randpermSeeded (seed: int64) (n: int64) =
+    use g = generator seed
+    torch.randperm (n, generator = g)
 
 /// Logits that make the softmax exactly one-hot (exp(−1e4) underflows to 0 in every dtype).
 let oneHotLogits (k: int) (hot: int) (dtype: torch.ScalarType) =
