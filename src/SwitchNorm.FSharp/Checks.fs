@@ -70,7 +70,7 @@ module Checks =
     /// Checks that a parameter lives on the input's device and has a dtype the input can be combined with:
     /// the same dtype, or float32 parameters with a float16/bfloat16 input (mixed precision).
     let compatible (layer: string) (what: string) (x: torch.Tensor) (p: torch.Tensor) =
-        if p.device.``type`` <> x.device.``type`` || p.device.index <> x.device.index then
+        if p.device_type <> x.device_type || p.device_index <> x.device_index then
             raise (ArgumentException($"{layer}: the input is on device {x.device} but {what} is on {p.device}.", "input"))
 
         let ok = p.dtype = x.dtype || (isHalf x.dtype && p.dtype = torch.ScalarType.Float32)

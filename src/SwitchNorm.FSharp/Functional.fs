@@ -217,7 +217,7 @@ module Functional =
                 | Some b -> (b.to_type cd).view (1L, -1L) - mean * scale
                 | None -> -(mean * scale)
 
-            torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0), bnMoments
+            torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0), bnMoments, None
 
         let gamma = p.Weight |> Option.map (fun w -> w.to_type cd) |> Option.toObj
         let beta = p.Bias |> Option.map (fun b -> b.to_type cd) |> Option.toObj
@@ -243,39 +243,72 @@ module Functional =
             let plan =
                 KernelNorm.plan st kinds (running |> Option.map (fun r -> r.Mean, r.Var)) spec.Eps
 
+            let batch = if bnFromBatch then Some(KernelNorm.batchStats st) else None
+
             let bnMoments =
-                if bnFromBatch then
-                    let count, mean, var = KernelNorm.batchStats st
-
+                batch
+                |> Option.map (fun (count, mean, var) ->
                     let asTensor (a: float[]) =
-                        torch.tensor(a, dtype = torch.ScalarType.Float64).to_type(cd).view (1L, -1L)
+                        torch.tensor(Array.map float32 a).view (1L, -1L)
 
-                    Some {
+                    {
                         Count = count
                         Mean = asTensor mean
                         M2 = asTensor (var |> Array.map (fun v -> v * count))
-                    }
-                else
-                    None
+                    })
 
-            // float64 weights: the kernel mixes in float64
-            let wMean = spec.Switch(p.MeanLogits.to_type torch.ScalarType.Float64)
-            let wVar = spec.Switch(p.VarLogits.to_type torch.ScalarType.Float64)
+            // BatchNorm's update of the running statistics, in float64 from the batch's statistics.
+            let updated =
+                match running, batch with
+                | Some r, Some(count, mean, var) when training ->
+                    let tracked = r.BatchesTracked + 1L
+
+                    let f =
+                        match spec.Momentum with
+                        | Some m -> m
+                        | None -> 1.0 / float tracked
+
+                    let blend (old: float[]) (b: float[]) (like: torch.Tensor) =
+                        let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) old b
+
+                        torch.tensor(v, dtype = torch.ScalarType.Float64).to_type(like.dtype).``to``(like.device).MoveToOuterDisposeScope()
+
+                    Some {
+                        Mean = blend (KernelNorm.read r.Mean) mean r.Mean
+                        Var = blend (KernelNorm.read r.Var) (var |> Array.map (fun v -> v * count / (count - 1.0))) r.Var
+                        BatchesTracked = tracked
+                    }
+                | _ -> None
+
+            // The paper's softmax is applied inside, in float64; any other switch is applied here, in float64.
+            let softmaxInside = Mixing.isSoftmax spec.Switch
+
+            let wMean, wVar =
+                if softmaxInside then
+                    p.MeanLogits, p.VarLogits
+                else
+                    spec.Switch(p.MeanLogits.to_type torch.ScalarType.Float64), spec.Switch(p.VarLogits.to_type torch.ScalarType.Float64)
 
             let y3 =
                 if needsGraph [ wMean; wVar ] then
                     torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
-                        .apply (box x3c, box gamma, box beta, box wMean, box wVar, box plan)
+                        .apply (box x3c, box gamma, box beta, box wMean, box wVar, box plan, box softmaxInside)
                 else
                     let read (t: torch.Tensor) =
                         if isNull t then None else Some(KernelNorm.read t)
 
+                    let weights (t: torch.Tensor) =
+                        if softmaxInside then
+                            KernelNorm.softmax (KernelNorm.read t)
+                        else
+                            KernelNorm.read t
+
                     let y, _, _ =
-                        KernelNorm.output x3c plan (read gamma) (read beta) (KernelNorm.read wMean) (KernelNorm.read wVar)
+                        KernelNorm.output x3c plan (read gamma) (read beta) (weights wMean) (weights wVar)
 
                     y
 
-            y3, bnMoments
+            y3, bnMoments, updated
 
         let fused () =
             let rowMean, centred, m2 = Fused.rowMoments x3
@@ -322,9 +355,9 @@ module Functional =
                     let y, _, _ = Fused.outputOf fs gamma beta wMean wVar
                     y
 
-            y3, bnMoments
+            y3, bnMoments, None
 
-        let y3, bnMoments =
+        let y3, bnMoments, updated =
             if not spec.Fused then composed ()
             elif KernelNorm.applies x3 then kernel ()
             else fused ()
@@ -333,8 +366,9 @@ module Functional =
         let y = if y.dtype = origDtype then y else y.to_type origDtype
 
         let newRunning =
-            match running, bnMoments with
-            | Some r, Some b when training ->
+            match updated, running, bnMoments with
+            | Some u, _, _ -> Some u
+            | None, Some r, Some b when training ->
                 use _ = torch.no_grad ()
                 let tracked = r.BatchesTracked + 1L
 

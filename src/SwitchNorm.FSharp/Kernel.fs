@@ -7,7 +7,6 @@ open System.Collections.Generic
 open System.Numerics
 open System.Runtime.CompilerServices
 open System.Runtime.InteropServices
-open System.Threading.Tasks
 open Microsoft.FSharp.NativeInterop
 open TorchSharp
 open SwitchNorm.Kernels
@@ -22,23 +21,13 @@ module internal Kernel =
         let bytes = t.bytes
         NativePtr.ofVoidPtr (Unsafe.AsPointer(&MemoryMarshal.GetReference bytes))
 
-    /// Runs body lo hi over [0, rows) split into contiguous ranges, one per libtorch thread
-    /// (torch.get_num_threads), or inline when the work is small.
-    let forRows (rows: int) (rowLen: int) (body: int -> int -> unit) =
-        let threads = max 1 (torch.get_num_threads ())
-
-        if threads = 1 || rows < 2 || int64 rows * int64 rowLen < 65536L then
-            body 0 rows
-        else
-            let chunks = min rows threads
-
-            Parallel.For(
-                0,
-                chunks,
-                ParallelOptions(MaxDegreeOfParallelism = threads),
-                fun ci -> body (int (int64 rows * int64 ci / int64 chunks)) (int (int64 rows * int64 (ci + 1) / int64 chunks))
-            )
-            |> ignore
+    /// <summary>
+    /// Runs body 0 rows on the calling thread. The row passes do not fan out to .NET's thread pool: libtorch's
+    /// OpenMP workers and the pool's workers both spin-wait after their work, and on a machine with few cores
+    /// they starve each other. Measured here (2 cores): a 0.7 ms x.clone() at 2 threads took 68 ms right
+    /// after a Parallel.For over the rows, which itself ran 2.2 times faster than on one thread.
+    /// </summary>
+    let forRows (rows: int) (_rowLen: int) (body: int -> int -> unit) = body 0 rows
 
 /// Per-(n, c) statistics of a float32 input from the row kernels, in float64.
 type internal RowStats = {
@@ -53,14 +42,14 @@ type internal RowStats = {
     M2: float[]
 }
 
-/// One mixed statistic expanded to every (n, c) row, in float64.
+/// One mixed statistic, in float64, stored once per group (row, sample or channel).
 type internal RowComponent = {
     Kind: StatKind
     /// Values behind the statistic (0 for running statistics).
     Count: float
-    /// The statistic's mean at each row.
+    /// The statistic's mean per group: per row (N·C), per sample (N) or per channel (C), as Kind says.
     Mean: float[]
-    /// The statistic's biased variance at each row.
+    /// The statistic's biased variance per group.
     Var: float[]
 }
 
@@ -84,14 +73,44 @@ type internal KernelSaved = {
     Mu: float[]
     R: float[]
     InputNeedsGrad: bool
+    /// The mixing weights are the softmax of the inputs at positions 3 and 4 (the logits), applied inside.
+    SoftmaxInside: bool
+    /// The dtype of the inputs at positions 3 and 4, for their gradients.
+    WeightsDtype: torch.ScalarType
 }
 
 /// The fused normalizer on float32 CPU data: one kernel call per pass over the data, O(N·C) mixing in float64.
 module internal KernelNorm =
 
     let private values (t: torch.Tensor) : float[] =
-        use d = t.detach().to_type(torch.ScalarType.Float64).cpu().contiguous ()
-        d.data<float>().ToArray()
+        if
+            t.device_type = DeviceType.CPU
+            && t.is_contiguous ()
+            && t.dtype = torch.ScalarType.Float32
+        then
+            t.data<float32>().ToArray() |> Array.map float
+        elif
+            t.device_type = DeviceType.CPU
+            && t.is_contiguous ()
+            && t.dtype = torch.ScalarType.Float64
+        then
+            t.data<float>().ToArray()
+        else
+            use d = t.detach().to_type(torch.ScalarType.Float64).cpu().contiguous ()
+            d.data<float>().ToArray()
+
+    /// softmax(l) in float64, stable for any finite logits.
+    let softmax (l: float[]) =
+        let m = Array.max l
+        let e = l |> Array.map (fun v -> exp (v - m))
+        let z = Array.sum e
+        e |> Array.map (fun v -> v / z)
+
+    /// The gradient of a loss with respect to logits l, given its gradient dw with respect to w = softmax(l):
+    /// w ⊙ (dw − Σ w·dw).
+    let softmaxBackward (w: float[]) (dw: float[]) =
+        let dot = Array.fold2 (fun acc a b -> acc + a * b) 0.0 w dw
+        Array.map2 (fun wi dwi -> wi * (dwi - dot)) w dw
 
     /// Reads a small tensor (weights, logits, running statistics) as float64 values.
     let read (t: torch.Tensor) = values t
@@ -127,52 +146,25 @@ module internal KernelNorm =
     /// variance of each group.
     let private pool (st: RowStats) (bySample: bool) =
         let groups = if bySample then st.N else st.C
-        let rows = st.N * st.C
-        let k = float (rows / groups)
         let mean = Array.zeroCreate groups
-        let m2 = Array.zeroCreate groups
+        let var = Array.zeroCreate groups
+        let count = RowKernels.Pool(st.N, st.C, st.S, st.Mean, st.M2, bySample, mean, var)
+        count, mean, var
 
-        for i in 0 .. rows - 1 do
-            let g = if bySample then i / st.C else i % st.C
-            mean[g] <- mean[g] + st.Mean[i] / k
-
-        for i in 0 .. rows - 1 do
-            let g = if bySample then i / st.C else i % st.C
-            let d = st.Mean[i] - mean[g]
-            m2[g] <- m2[g] + st.M2[i] + float st.S * d * d
-
-        let count = k * float st.S
-
-        for g in 0 .. groups - 1 do
-            m2[g] <- m2[g] / count
-
-        count, mean, m2
+    /// The code of a statistic's grouping in the row kernels: 0 per row, 1 per sample, 2 per channel.
+    let private code (kind: StatKind) =
+        match kind with
+        | PerRow -> 0
+        | PerSample -> 1
+        | PerChannel
+        | Constant -> 2
 
     /// The batch's per-channel count, mean and biased variance.
     let batchStats (st: RowStats) = pool st false
 
-    /// values[g] at every row of group g (per sample or per channel).
-    let private expandRows (st: RowStats) (bySample: bool) (values: float[]) =
-        let out = Array.zeroCreate (st.N * st.C)
-
-        for i in 0 .. out.Length - 1 do
-            out[i] <- values[if bySample then i / st.C else i % st.C]
-
-        out
-
-    /// Expands each component's statistic to every row.
+    /// Each component's statistic, per group.
     let plan (st: RowStats) (kinds: StatKind list) (running: (torch.Tensor * torch.Tensor) option) (eps: float) =
-        let pooled (bySample: bool) kind =
-            let count, mean, var = pool st bySample
-
-            {
-                Kind = kind
-                Count = count
-                Mean = expandRows st bySample mean
-                Var = expandRows st bySample var
-            }
-
-        let expand (kind: StatKind) =
+        let comp (kind: StatKind) =
             match kind with
             | PerRow -> {
                 Kind = kind
@@ -180,42 +172,48 @@ module internal KernelNorm =
                 Mean = st.Mean
                 Var = st.M2 |> Array.map (fun v -> v / float st.S)
               }
-            | PerSample -> pooled true kind
-            | PerChannel -> pooled false kind
+            | PerSample
+            | PerChannel ->
+                let count, mean, var = pool st (kind = PerSample)
+
+                {
+                    Kind = kind
+                    Count = count
+                    Mean = mean
+                    Var = var
+                }
             | Constant ->
                 match running with
                 | Some(m, v) -> {
                     Kind = kind
                     Count = 0.0
-                    Mean = expandRows st false (values m)
-                    Var = expandRows st false (values v)
+                    Mean = values m
+                    Var = values v
                   }
                 | None -> invalidOp "unreachable: constant statistics without running statistics"
 
         {
             Stats = st
-            Components = kinds |> List.map expand |> Array.ofList
+            Components = kinds |> List.map comp |> Array.ofList
             Eps = eps
         }
 
     /// Mixed mean and 1/sqrt(var + eps) per row.
     let private mixed (plan: KernelPlan) (wm: float[]) (wv: float[]) =
-        let rows = plan.Stats.N * plan.Stats.C
+        let st = plan.Stats
+        let rows = st.N * st.C
         let mu = Array.zeroCreate rows
         let var = Array.zeroCreate rows
 
         // μ = rowMean + Σ w·(mean − rowMean): the same as Σ w·mean for weights summing to 1, but the weights'
         // rounding only scales the (small) differences, never a large common offset.
         for k in 0 .. plan.Components.Length - 1 do
-            let m = plan.Components[k].Mean
-            let v = plan.Components[k].Var
-
-            for i in 0 .. rows - 1 do
-                mu[i] <- mu[i] + wm[k] * (m[i] - plan.Stats.Mean[i])
-                var[i] <- var[i] + wv[k] * v[i]
+            let comp = plan.Components[k]
+            RowKernels.Accumulate(st.N, st.C, code comp.Kind, comp.Mean, wm[k], st.Mean, mu)
+            RowKernels.Accumulate(st.N, st.C, code comp.Kind, comp.Var, wv[k], null, var)
 
         for i in 0 .. rows - 1 do
-            mu[i] <- mu[i] + plan.Stats.Mean[i]
+            mu[i] <- mu[i] + st.Mean[i]
             var[i] <- 1.0 / sqrt (var[i] + plan.Eps)
 
         mu, var
@@ -228,22 +226,7 @@ module internal KernelNorm =
         let scale = Array.zeroCreate rows
         let shift = Array.zeroCreate rows
 
-        for i in 0 .. rows - 1 do
-            let c = i % st.C
-
-            let sc =
-                match gamma with
-                | Some g -> r[i] * g[c]
-                | None -> r[i]
-
-            let b =
-                match beta with
-                | Some b -> b[c]
-                | None -> 0.0
-
-            scale[i] <- float32 sc
-            shift[i] <- float32 (b + (float st.Centre[i] - mu[i]) * sc)
-
+        RowKernels.ScaleShift(st.N, st.C, r, mu, st.Centre, defaultArg gamma null, defaultArg beta null, scale, shift)
         let y = torch.empty_like x3
         let px = Kernel.pointer x3
         let py = Kernel.pointer y
@@ -266,74 +249,56 @@ module internal KernelNorm =
         let dMu = Array.zeroCreate rows
         let dVar = Array.zeroCreate rows
         let gr = Array.zeroCreate rows
-
-        for i in 0 .. rows - 1 do
-            let c = i % st.C
-
-            let gamma =
-                match sv.Gamma with
-                | Some g -> g[c]
-                | None -> 1.0
-
-            // Σ g·(x − μ) from Σ g·(x − centre)
-            let sumGxMu = sumGx[i] + (float st.Centre[i] - sv.Mu[i]) * sumG[i]
-            gr[i] <- sv.R[i] * gamma
-            dBeta[c] <- dBeta[c] + sumG[i]
-            dGamma[c] <- dGamma[c] + sv.R[i] * sumGxMu
-            dMu[i] <- -gr[i] * sumG[i]
-            dVar[i] <- -0.5 * gr[i] * sv.R[i] * sv.R[i] * sumGxMu
+        RowKernels.GradRows(st.N, st.C, sumG, sumGx, st.Centre, sv.Mu, sv.R, defaultArg sv.Gamma null, gr, dMu, dVar, dGamma, dBeta)
 
         let k = plan.Components.Length
-        let dwm = Array.zeroCreate k
-        let dwv = Array.zeroCreate k
 
-        for j in 0 .. k - 1 do
-            let m = plan.Components[j].Mean
-            let v = plan.Components[j].Var
+        let dwm =
+            Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dMu, plan.Components[j].Mean, st.Mean))
 
-            for i in 0 .. rows - 1 do
-                dwm[j] <- dwm[j] + dMu[i] * (m[i] - st.Mean[i])
-                dwv[j] <- dwv[j] + dVar[i] * v[i]
+        let dwv =
+            Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dVar, plan.Components[j].Var, null))
 
         let dx =
             if not sv.InputNeedsGrad then
                 null
             else
                 // Gradients reaching each per-sample and per-channel statistic.
-                let muSample = Array.zeroCreate st.N
-                let varSample = Array.zeroCreate st.N
-                let muChannel = Array.zeroCreate st.C
-                let varChannel = Array.zeroCreate st.C
-
-                for i in 0 .. rows - 1 do
-                    muSample[i / st.C] <- muSample[i / st.C] + dMu[i]
-                    varSample[i / st.C] <- varSample[i / st.C] + dVar[i]
-                    muChannel[i % st.C] <- muChannel[i % st.C] + dMu[i]
-                    varChannel[i % st.C] <- varChannel[i % st.C] + dVar[i]
-
-                // dx = gr·g + q·(x − centre) + c0 per row: each statistic passes its gradient on as a mean
-                // (1/count per value) and a biased variance (2·(x − its mean)/count per value).
+                let muSample, muChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
+                let varSample, varChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
+                RowKernels.SumGroups(st.N, st.C, dMu, muSample, muChannel)
+                RowKernels.SumGroups(st.N, st.C, dVar, varSample, varChannel)
+                // dx = gr·g + q·(x − centre) + c0 per row.
                 let q = Array.zeroCreate rows
                 let c0 = Array.zeroCreate rows
 
                 for j in 0 .. k - 1 do
                     let comp = plan.Components[j]
 
-                    if comp.Kind <> Constant then
-                        for i in 0 .. rows - 1 do
-                            let dm, dv =
-                                match comp.Kind with
-                                | PerRow -> dMu[i], dVar[i]
-                                | PerSample -> muSample[i / st.C], varSample[i / st.C]
-                                | _ -> muChannel[i % st.C], varChannel[i % st.C]
+                    let reaching =
+                        match comp.Kind with
+                        | PerRow -> Some(dMu, dVar)
+                        | PerSample -> Some(muSample, varSample)
+                        | PerChannel -> Some(muChannel, varChannel)
+                        | Constant -> None
 
-                            let dvq = sv.WVar[j] * dv * 2.0 / comp.Count
-                            q[i] <- q[i] + dvq
-
-                            c0[i] <-
-                                c0[i]
-                                + sv.WMean[j] * dm / comp.Count
-                                + dvq * (float st.Centre[i] - comp.Mean[i])
+                    match reaching with
+                    | Some(dm, dv) ->
+                        RowKernels.GradInputCoefficients(
+                            st.N,
+                            st.C,
+                            code comp.Kind,
+                            comp.Count,
+                            sv.WMean[j],
+                            sv.WVar[j],
+                            dm,
+                            dv,
+                            comp.Mean,
+                            st.Centre,
+                            q,
+                            c0
+                        )
+                    | None -> ()
 
                 let p32 = Array.map float32 gr
                 let q32 = Array.map float32 q
@@ -346,7 +311,8 @@ module internal KernelNorm =
         dx, dGamma, dBeta, dwm, dwv
 
 /// The kernel normalizer as an autograd function. Inputs: x (N, C, S) contiguous float32, weight [C] or null,
-/// bias [C] or null, mean weights [K] and variance weights [K] in float64, and the <see cref="T:SwitchNorm.KernelPlan"/> of x.
+/// bias [C] or null, mean and variance weights [K] in float64 (or, with the flag at position 6 set, the logits
+/// whose softmax they are), and the <see cref="T:SwitchNorm.KernelPlan"/> of x.
 /// Keeps x and O(N·C) values for the backward.
 type internal SwitchNormKernelFunction() =
     inherit torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>()
@@ -362,11 +328,18 @@ type internal SwitchNormKernelFunction() =
         let x3 = tensorAt 0
         let gamma, beta, wm, wv = tensorAt 1, tensorAt 2, tensorAt 3, tensorAt 4
         let plan = vars[5] :?> KernelPlan
+        let softmaxInside = vars[6] :?> bool
 
         let read t =
             if isNull t then None else Some(KernelNorm.read t)
 
-        let wMean, wVar = KernelNorm.read wm, KernelNorm.read wv
+        let weights t =
+            if softmaxInside then
+                KernelNorm.softmax (KernelNorm.read t)
+            else
+                KernelNorm.read t
+
+        let wMean, wVar = weights wm, weights wv
         let g = read gamma
         let y, mu, r = KernelNorm.output x3 plan g (read beta) wMean wVar
         ctx.save_for_backward (List<torch.Tensor>([ x3 ]))
@@ -382,6 +355,8 @@ type internal SwitchNormKernelFunction() =
                 Mu = mu
                 R = r
                 InputNeedsGrad = x3.requires_grad
+                SoftmaxInside = softmaxInside
+                WeightsDtype = wm.dtype
             }
         )
 
@@ -397,17 +372,24 @@ type internal SwitchNormKernelFunction() =
         let dx, dGamma, dBeta, dwm, dwv = KernelNorm.backward x3 grad3 sv
         let f32 (a: float[]) = torch.tensor (Array.map float32 a)
 
-        let f64 (a: float[]) =
-            torch.tensor (a, dtype = torch.ScalarType.Float64)
+        let weightGrad (w: float[]) (dw: float[]) =
+            let d =
+                if sv.SoftmaxInside then
+                    KernelNorm.softmaxBackward w dw
+                else
+                    dw
+
+            torch.tensor(d, dtype = torch.ScalarType.Float64).to_type sv.WeightsDtype
 
         let grads = [
             dx
             (if sv.Gamma.IsSome then f32 dGamma else null)
             (if sv.HasBias then f32 dBeta else null)
-            f64 dwm
-            f64 dwv
+            weightGrad sv.WMean dwm
+            weightGrad sv.WVar dwv
         ]
 
         GradHandOver.Keep grads
         grad.Dispose()
-        List<torch.Tensor>(grads @ [ null ])
+        // none for the plan and the softmax flag
+        List<torch.Tensor>(grads @ [ null; null ])

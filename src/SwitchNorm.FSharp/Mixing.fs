@@ -28,9 +28,17 @@ type Switch = torch.Tensor -> torch.Tensor
 [<RequireQualifiedAccess>]
 module Mixing =
 
+    /// The softmax switch as an object of its own type, so the fused path can recognise it and apply it inside.
+    type private SoftmaxSwitch() =
+        inherit FSharpFunc<torch.Tensor, torch.Tensor>()
+        override _.Invoke(logits: torch.Tensor) = logits.softmax 0L
+
     /// <summary>The paper's switch: softmax(λ)ₖ = exp(λₖ) / Σⱼ exp(λⱼ), stable for any finite logits.</summary>
     [<CompiledName("Softmax")>]
-    let softmax: Switch = fun logits -> logits.softmax 0L
+    let softmax: Switch = unbox<Switch> (box (SoftmaxSwitch()))
+
+    /// Whether a switch is <c>Mixing.softmax</c> (which the fused path computes in float64 itself).
+    let internal isSoftmax (switch: Switch) = (box switch) :? SoftmaxSwitch
 
     /// <summary>
     /// Σₖ wₖ · statₖ, for weights of shape [K] and K statistics that broadcast against each other

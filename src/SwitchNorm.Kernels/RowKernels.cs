@@ -204,4 +204,160 @@ internal static unsafe class RowKernels
             s2 += t2;
         }
     }
+
+    // The O(N·C) work between the passes, over rows i = n·C + c. A statistic is stored per group of its kind:
+    // kind 0 per row (N·C values), 1 per sample (N), 2 per channel (C). Loops are split by kind so no row pays
+    // for a branch or a division.
+
+    /// <summary>
+    /// Pools per-row moments per sample (<paramref name="bySample"/>) or per channel by the law of total
+    /// variance: M2 = Σ M2ᵢ + S · Σ (meanᵢ − mean)². Writes each group's mean and biased variance; returns the
+    /// number of values behind each group.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static double Pool(int n, int c, int s, double[] rowMean, double[] rowM2, bool bySample, double[] mean, double[] var)
+    {
+        int groups = bySample ? n : c;
+        double k = bySample ? c : n;
+        Array.Clear(mean, 0, groups);
+        Array.Clear(var, 0, groups);
+
+        for (int a = 0; a < n; a++)
+            for (int b = 0; b < c; b++)
+                mean[bySample ? a : b] += rowMean[a * c + b] / k;
+
+        for (int a = 0; a < n; a++)
+            for (int b = 0; b < c; b++)
+            {
+                int i = a * c + b, g = bySample ? a : b;
+                double d = rowMean[i] - mean[g];
+                var[g] += rowM2[i] + s * d * d;
+            }
+
+        double count = k * s;
+
+        for (int g = 0; g < groups; g++)
+            var[g] /= count;
+
+        return count;
+    }
+
+    /// <summary>acc[i] += w · (value of the statistic at row i − (centre?[i] ?? 0)) for every row.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void Accumulate(int n, int c, int kind, double[] values, double w, double[]? centre, double[] acc)
+    {
+        for (int a = 0; a < n; a++)
+        {
+            int row0 = a * c;
+
+            for (int b = 0; b < c; b++)
+            {
+                int i = row0 + b;
+                double v = kind == 0 ? values[i] : kind == 1 ? values[a] : values[b];
+                acc[i] += w * (centre is null ? v : v - centre[i]);
+            }
+        }
+    }
+
+    /// <summary>Σᵢ d[i] · (value of the statistic at row i − (centre?[i] ?? 0)).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static double Project(int n, int c, int kind, double[] d, double[] values, double[]? centre)
+    {
+        double acc = 0;
+
+        for (int a = 0; a < n; a++)
+        {
+            int row0 = a * c;
+
+            for (int b = 0; b < c; b++)
+            {
+                int i = row0 + b;
+                double v = kind == 0 ? values[i] : kind == 1 ? values[a] : values[b];
+                acc += d[i] * (centre is null ? v : v - centre[i]);
+            }
+        }
+
+        return acc;
+    }
+
+    /// <summary>
+    /// Per row, from the mixed mean μ and r = 1/sqrt(σ² + eps): the output's scale r·γ and its shift
+    /// β + (centre − μ)·r·γ about the row's centre.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void ScaleShift(int n, int c, double[] r, double[] mu, float[] centre, double[]? gamma, double[]? beta, float[] scale, float[] shift)
+    {
+        for (int a = 0; a < n; a++)
+            for (int b = 0; b < c; b++)
+            {
+                int i = a * c + b;
+                double sc = gamma is null ? r[i] : r[i] * gamma[b];
+                double bc = beta is null ? 0.0 : beta[b];
+                scale[i] = (float)sc;
+                shift[i] = (float)(bc + (centre[i] - mu[i]) * sc);
+            }
+    }
+
+    /// <summary>
+    /// The backward's per-row coefficients from Σ g and Σ g·(x − centre): gr = r·γ, ∂L/∂μ, ∂L/∂σ², and the
+    /// per-channel gradients of γ and β (accumulated into dGamma, dBeta).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void GradRows(
+        int n, int c, double[] sumG, double[] sumGx, float[] centre, double[] mu, double[] r, double[]? gamma,
+        double[] gr, double[] dMu, double[] dVar, double[] dGamma, double[] dBeta)
+    {
+        Array.Clear(dGamma, 0, c);
+        Array.Clear(dBeta, 0, c);
+
+        for (int a = 0; a < n; a++)
+            for (int b = 0; b < c; b++)
+            {
+                int i = a * c + b;
+                double gm = gamma is null ? 1.0 : gamma[b];
+                double sumGxMu = sumGx[i] + (centre[i] - mu[i]) * sumG[i];
+                gr[i] = r[i] * gm;
+                dBeta[b] += sumG[i];
+                dGamma[b] += r[i] * sumGxMu;
+                dMu[i] = -gr[i] * sumG[i];
+                dVar[i] = -0.5 * gr[i] * r[i] * r[i] * sumGxMu;
+            }
+    }
+
+    /// <summary>Sums a per-row array per sample and per channel.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void SumGroups(int n, int c, double[] d, double[] perSample, double[] perChannel)
+    {
+        Array.Clear(perSample, 0, n);
+        Array.Clear(perChannel, 0, c);
+
+        for (int a = 0; a < n; a++)
+            for (int b = 0; b < c; b++)
+            {
+                double v = d[a * c + b];
+                perSample[a] += v;
+                perChannel[b] += v;
+            }
+    }
+
+    /// <summary>
+    /// Adds one statistic's share of dx = gr·g + q·(x − centre) + c0: a mean passes its gradient dm on as
+    /// dm/count per value, a biased variance its gradient dv as 2·dv·(x − its mean)/count. dm and dv are the
+    /// gradients reaching the statistic (stored per group of its kind), already multiplied by its weights.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void GradInputCoefficients(
+        int n, int c, int kind, double count, double wMean, double wVar, double[] dm, double[] dv, double[] mean,
+        float[] centre, double[] q, double[] c0)
+    {
+        for (int a = 0; a < n; a++)
+            for (int b = 0; b < c; b++)
+            {
+                int i = a * c + b;
+                int g = kind == 0 ? i : kind == 1 ? a : b;
+                double dvq = wVar * dv[g] * 2.0 / count;
+                q[i] += dvq;
+                c0[i] += wMean * dm[g] / count + dvq * (centre[i] - mean[g]);
+            }
+    }
 }
