@@ -40,6 +40,7 @@ type internal FusedInfo = {
     HasWeight: bool
     HasBias: bool
     InputNeedsGrad: bool
+    Eps: float
 }
 
 /// The fused normalizer: per-(n, c) statistics from one two-pass reduction, O(N·C) mixing, one affine pass
@@ -90,6 +91,65 @@ module internal Fused =
                 shift0 + beta.view (1L, -1L)
 
         affine st.Centred scale shift, mu, r
+
+    /// <summary>
+    /// The same normalization as a composition of differentiable tensor operations, from the input, the
+    /// parameters and the statistics' kinds (with the running statistics for Constant ones). The fused backward
+    /// uses it when a graph of the gradient is requested (create_graph), so second derivatives are exact too.
+    /// </summary>
+    let composedOutput
+        (kinds: StatKind[])
+        (constants: (torch.Tensor * torch.Tensor) option)
+        (eps: float)
+        (x3: torch.Tensor)
+        (gamma: torch.Tensor)
+        (beta: torch.Tensor)
+        (wMean: torch.Tensor)
+        (wVar: torch.Tensor)
+        =
+        let inst = Moments.ofRows x3
+
+        let stat kind =
+            match kind, constants with
+            | PerRow, _ -> inst.Mean, Moments.variance inst
+            | PerSample, _ ->
+                let l = Moments.reduce 1L inst
+                l.Mean, Moments.variance l
+            | PerChannel, _ ->
+                let b = Moments.reduce 0L inst
+                b.Mean, Moments.variance b
+            | Constant, Some(m, v) -> m.to_type(x3.dtype).view (1L, -1L), v.to_type(x3.dtype).view (1L, -1L)
+            | Constant, None -> invalidOp "unreachable: constant statistics without running statistics"
+
+        let stats = kinds |> Array.map stat |> List.ofArray
+        let mu = Mixing.mix (wMean.to_type x3.dtype) (stats |> List.map fst)
+        let var = Mixing.mix (wVar.to_type x3.dtype) (stats |> List.map snd)
+        let r = (var + eps).rsqrt ()
+        let scale = if isNull gamma then r else r * gamma.view (1L, -1L)
+        let y = (x3 - mu.unsqueeze 2L) * scale.unsqueeze 2L
+        if isNull beta then y else y + beta.view (1L, -1L, 1L)
+
+    /// <summary>
+    /// Gradients of Σ grad·y with respect to each input (null where an input is null or needs no gradient), with
+    /// a graph, for create_graph.
+    /// </summary>
+    let differentiableGrads (inputs: torch.Tensor list) (y: torch.Tensor) (grad: torch.Tensor) =
+        let needs (t: torch.Tensor) = not (isNull t) && t.requires_grad
+        let targets = inputs |> List.filter needs |> Array.ofList
+
+        let grads =
+            torch.autograd.grad ([| y |], targets, [| grad |], retain_graph = true, create_graph = true, allow_unused = true)
+
+        let mutable next = 0
+
+        inputs
+        |> List.map (fun t ->
+            if needs t then
+                let g = grads[next]
+                next <- next + 1
+                g
+            else
+                null)
 
 /// <summary>
 /// Gradient tensors a custom backward hands to libtorch, which copies them when the backward returns; their
@@ -143,6 +203,7 @@ type internal SwitchNormFunction() =
                 [ st.Centred; st.RowMean; mu; r; wm; wv; gamma ]
                 @ List.ofArray st.Means
                 @ List.ofArray st.Vars
+                @ [ x3; beta ]
             )
         )
 
@@ -154,6 +215,7 @@ type internal SwitchNormFunction() =
                 HasWeight = not (isNull gamma)
                 HasBias = not (isNull beta)
                 InputNeedsGrad = x3.requires_grad
+                Eps = st.Eps
             }
         )
 
@@ -171,52 +233,70 @@ type internal SwitchNormFunction() =
         let k = info.Kinds.Length
         let means = Array.init k (fun i -> saved[7 + i])
         let vars = Array.init k (fun i -> saved[7 + k + i])
+        let x3, beta = saved[7 + 2 * k], saved[8 + 2 * k]
         let n, c, s = xc.shape[0], xc.shape[1], xc.shape[2]
-        let g3 = grad.reshape (n, c, s)
-        // The only full-size reductions: Σₛ g and Σₛ g·(x − rowMean), per (n, c).
-        let sumG = g3.sum ([| 2L |])
-        let sumGxc = (g3 * xc).sum ([| 2L |])
-        // Σₛ g·(x − μ), without re-centring x.
-        let sumGxMu = sumGxc + (rowMean - mu) * sumG
-        let gr = if info.HasWeight then r * gamma.view (1L, -1L) else r
-        let dBias = if info.HasBias then sumG.sum [| 0L |] else null
-        let dWeight = if info.HasWeight then (r * sumGxMu).sum [| 0L |] else null
-        // ∂L/∂μ and ∂L/∂σ² per (n, c).
-        let dMu = -(gr * sumG)
-        let dVar = gr * r.square () * sumGxMu * -0.5
-        let dwm = torch.stack [ for m in means -> (dMu * (m - rowMean)).sum () ]
-        let dwv = torch.stack [ for v in vars -> (dVar * v).sum () ]
 
-        let dx =
-            if not info.InputNeedsGrad then
-                null
-            else
-                // Each statistic passes its gradient to x as a mean (1/count each) and a biased variance
-                // (2·(x − its mean)/count each): per (n, c), a multiple q of (x − rowMean) plus a constant.
-                let mutable q = torch.zeros_like dMu
-                let mutable c0 = torch.zeros_like dMu
+        if torch.is_grad_enabled () then
+            // create_graph: differentiate the composition, with a graph, so higher derivatives are exact.
+            let constants =
+                info.Kinds
+                |> Array.tryFindIndex ((=) Constant)
+                |> Option.map (fun i -> means[i], vars[i])
 
-                for i in 0 .. k - 1 do
-                    let reduce (t: torch.Tensor) =
+            let y = Fused.composedOutput info.Kinds constants info.Eps x3 gamma beta wm wv
+
+            let grads =
+                Fused.differentiableGrads [ x3; gamma; beta; wm; wv ] y (grad.reshape (n, c, s))
+
+            GradHandOver.Keep grads
+            List<torch.Tensor>(grads @ [ null ])
+        else
+
+            let g3 = grad.reshape (n, c, s)
+            // The only full-size reductions: Σₛ g and Σₛ g·(x − rowMean), per (n, c).
+            let sumG = g3.sum ([| 2L |])
+            let sumGxc = (g3 * xc).sum ([| 2L |])
+            // Σₛ g·(x − μ), without re-centring x.
+            let sumGxMu = sumGxc + (rowMean - mu) * sumG
+            let gr = if info.HasWeight then r * gamma.view (1L, -1L) else r
+            let dBias = if info.HasBias then sumG.sum [| 0L |] else null
+            let dWeight = if info.HasWeight then (r * sumGxMu).sum [| 0L |] else null
+            // ∂L/∂μ and ∂L/∂σ² per (n, c).
+            let dMu = -(gr * sumG)
+            let dVar = gr * r.square () * sumGxMu * -0.5
+            let dwm = torch.stack [ for m in means -> (dMu * (m - rowMean)).sum () ]
+            let dwv = torch.stack [ for v in vars -> (dVar * v).sum () ]
+
+            let dx =
+                if not info.InputNeedsGrad then
+                    null
+                else
+                    // Each statistic passes its gradient to x as a mean (1/count each) and a biased variance
+                    // (2·(x − its mean)/count each): per (n, c), a multiple q of (x − rowMean) plus a constant.
+                    let mutable q = torch.zeros_like dMu
+                    let mutable c0 = torch.zeros_like dMu
+
+                    for i in 0 .. k - 1 do
+                        let reduce (t: torch.Tensor) =
+                            match info.Kinds[i] with
+                            | PerRow -> t
+                            | PerSample -> t.sum ([| 1L |], keepdim = true)
+                            | PerChannel -> t.sum ([| 0L |], keepdim = true)
+                            | Constant -> null
+
                         match info.Kinds[i] with
-                        | PerRow -> t
-                        | PerSample -> t.sum ([| 1L |], keepdim = true)
-                        | PerChannel -> t.sum ([| 0L |], keepdim = true)
-                        | Constant -> null
+                        | Constant -> ()
+                        | _ ->
+                            let dm = reduce dMu * (wm[int64 i] / info.Counts[i])
+                            let dv = reduce dVar * (wv[int64 i] * (2.0 / info.Counts[i]))
+                            q <- q + dv
+                            c0 <- c0 + dm + dv * (rowMean - means[i])
 
-                    match info.Kinds[i] with
-                    | Constant -> ()
-                    | _ ->
-                        let dm = reduce dMu * (wm[int64 i] / info.Counts[i])
-                        let dv = reduce dVar * (wv[int64 i] * (2.0 / info.Counts[i]))
-                        q <- q + dv
-                        c0 <- c0 + dm + dv * (rowMean - means[i])
+                    let dx3 = Fused.affine xc q c0
+                    dx3.addcmul_ (g3, gr.unsqueeze 2L, 1.0)
 
-                let dx3 = Fused.affine xc q c0
-                dx3.addcmul_ (g3, gr.unsqueeze 2L, 1.0)
-
-        let grads = [ dx; dWeight; dBias; dwm; dwv ]
-        GradHandOver.Keep grads
-        // The incoming gradient's handle was made for this call alone.
-        grad.Dispose()
-        List<torch.Tensor>(grads @ [ null ])
+            let grads = [ dx; dWeight; dBias; dwm; dwv ]
+            GradHandOver.Keep grads
+            // The incoming gradient's handle was made for this call alone.
+            grad.Dispose()
+            List<torch.Tensor>(grads @ [ null ])

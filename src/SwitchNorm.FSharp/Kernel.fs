@@ -342,7 +342,7 @@ type internal SwitchNormKernelFunction() =
         let wMean, wVar = weights wm, weights wv
         let g = read gamma
         let y, mu, r = KernelNorm.output x3 plan g (read beta) wMean wVar
-        ctx.save_for_backward (List<torch.Tensor>([ x3 ]))
+        ctx.save_for_backward (List<torch.Tensor>([ x3; gamma; beta; wm; wv ]))
 
         ctx.save_data (
             "saved",
@@ -366,30 +366,57 @@ type internal SwitchNormKernelFunction() =
         GradHandOver.Release()
         use scope = torch.NewDisposeScope()
         let sv = ctx.get_data "saved" :?> KernelSaved
-        let x3 = ctx.get_saved_variables().[0]
+        let saved = ctx.get_saved_variables ()
+        let x3 = saved[0]
         let st = sv.Plan.Stats
-        let grad3 = grad.reshape(int64 st.N, int64 st.C, int64 st.S).contiguous ()
-        let dx, dGamma, dBeta, dwm, dwv = KernelNorm.backward x3 grad3 sv
-        let f32 (a: float[]) = torch.tensor (Array.map float32 a)
 
-        let weightGrad (w: float[]) (dw: float[]) =
-            let d =
+        if torch.is_grad_enabled () then
+            // create_graph: differentiate the composition, with a graph, so higher derivatives are exact.
+            let gamma, beta, wm, wv = saved[1], saved[2], saved[3], saved[4]
+            let kinds = sv.Plan.Components |> Array.map (fun c -> c.Kind)
+
+            let constants =
+                sv.Plan.Components
+                |> Array.tryFind (fun c -> c.Kind = Constant)
+                |> Option.map (fun c -> torch.tensor c.Mean, torch.tensor c.Var)
+
+            let weights (t: torch.Tensor) =
                 if sv.SoftmaxInside then
-                    KernelNorm.softmaxBackward w dw
+                    t.to_type(torch.ScalarType.Float64).softmax 0L
                 else
-                    dw
+                    t
 
-            torch.tensor(d, dtype = torch.ScalarType.Float64).to_type sv.WeightsDtype
+            let y =
+                Fused.composedOutput kinds constants sv.Plan.Eps x3 gamma beta (weights wm) (weights wv)
 
-        let grads = [
-            dx
-            (if sv.Gamma.IsSome then f32 dGamma else null)
-            (if sv.HasBias then f32 dBeta else null)
-            weightGrad sv.WMean dwm
-            weightGrad sv.WVar dwv
-        ]
+            let g3 = grad.reshape (int64 st.N, int64 st.C, int64 st.S)
+            let grads = Fused.differentiableGrads [ x3; gamma; beta; wm; wv ] y g3
+            GradHandOver.Keep grads
+            List<torch.Tensor>(grads @ [ null; null ])
+        else
 
-        GradHandOver.Keep grads
-        grad.Dispose()
-        // none for the plan and the softmax flag
-        List<torch.Tensor>(grads @ [ null; null ])
+            let grad3 = grad.reshape(int64 st.N, int64 st.C, int64 st.S).contiguous ()
+            let dx, dGamma, dBeta, dwm, dwv = KernelNorm.backward x3 grad3 sv
+            let f32 (a: float[]) = torch.tensor (Array.map float32 a)
+
+            let weightGrad (w: float[]) (dw: float[]) =
+                let d =
+                    if sv.SoftmaxInside then
+                        KernelNorm.softmaxBackward w dw
+                    else
+                        dw
+
+                torch.tensor(d, dtype = torch.ScalarType.Float64).to_type sv.WeightsDtype
+
+            let grads = [
+                dx
+                (if sv.Gamma.IsSome then f32 dGamma else null)
+                (if sv.HasBias then f32 dBeta else null)
+                weightGrad sv.WMean dwm
+                weightGrad sv.WVar dwv
+            ]
+
+            GradHandOver.Keep grads
+            grad.Dispose()
+            // none for the plan and the softmax flag
+            List<torch.Tensor>(grads @ [ null; null ])

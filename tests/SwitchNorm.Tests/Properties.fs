@@ -185,6 +185,12 @@ module XunitRunner =
     [<Property>]
     let ``NaN and Inf inputs, float32`` c w p = nonFiniteInput f32 c w p
 
+    [<Property>]
+    let ``second derivatives equal the composition's, float64`` c training = doubleBackward f64 c training
+
+    [<Property>]
+    let ``second derivatives equal the composition's, float32`` c training = doubleBackward f32 c training
+
 module ExpectoRunner =
     open Expecto
 
@@ -224,6 +230,8 @@ module ExpectoRunner =
             testPropertyWithConfig config "bfloat16 within rounding of float32" (halfPrecision torch.ScalarType.BFloat16)
             testPropertyWithConfig config "NaN and Inf inputs, float64" (nonFiniteInput f64)
             testPropertyWithConfig config "NaN and Inf inputs, float32" (nonFiniteInput f32)
+            testPropertyWithConfig config "second derivatives equal the composition's, float64" (doubleBackward f64)
+            testPropertyWithConfig config "second derivatives equal the composition's, float32" (doubleBackward f32)
         ]
 
     /// `dotnet test` has no Expecto adapter here, so this fact runs the Expecto tree and requires exit code 0.

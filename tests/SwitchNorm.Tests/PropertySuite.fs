@@ -723,3 +723,51 @@ let nonFiniteInput (dtype: torch.ScalarType) (c: Case) (which: int) (pos: Positi
         for ch in 0 .. int c.C - 1 do
             if (int64 ch = c0) = Double.IsFinite rm[ch] then
                 failwith $"running_mean[{ch}] = {rm[ch]}: only channel {c0} should be non-finite"
+
+/// Second derivatives: with create_graph, the fused backward differentiates the composition with a graph, so a
+/// gradient penalty ‖∂(y·w)/∂x‖² has the same gradients (for x, weight, bias and both logit vectors) as on the
+/// composed path, in training and in eval. Second derivatives carry r³ = (var + eps)^(−3/2), so two compositions
+/// that round differently differ by about u·r³: the comparison is made where every statistic's variance is at
+/// least 0.01 (r ≤ 10), with the tolerance scaled by r², and skipped on near-constant inputs. In float32 the
+/// composed reference itself loses about u·|x| per mixed mean, so offset inputs are compared in float64 only.
+let doubleBackward (dtype: torch.ScalarType) (c: Case) (training: bool) =
+    let rMax, _ = referenceBounds c (input c 1) None
+
+    let run fused =
+        let m = moduleFor c dtype fused
+        (if training then m.train () else m.eval ()) |> ignore
+        let x = (input c 1).to_type(dtype).detach().requires_grad_ (true)
+        let w = (randnSeeded (int64 c.Seed + 21L) c.Shape f64).to_type dtype
+        let y = m.forward x
+
+        let gx =
+            torch.autograd.grad ([| (y * w).sum () |], [| x |], retain_graph = true, create_graph = true)
+
+        gx[0].square().sum().backward ()
+
+        ("x", x.grad.to_type f64)
+        :: [
+            for struct (name, p) in m.named_parameters () do
+                if not (isNull p.grad) then
+                    yield name, p.grad.to_type f64
+        ]
+
+    let total = c.Shape |> Array.fold (*) 1L
+
+    let offset =
+        match c.Input with
+        | Offset _ -> true
+        | _ -> false
+
+    if rMax <= 10.0 && not (offset && dtype <> f64) then
+        for ((na, a), (nb, b)) in List.zip (run true) (run false) do
+            if na <> nb then
+                failwith $"gradient lists differ ({na} vs {nb})"
+
+            let largest =
+                if b.numel () = 0L then
+                    0.0
+                else
+                    b.abs().max().item<float> ()
+
+            assertClose $"second-order grad {na}" (sumTol dtype total * max 1.0 largest * rMax * rMax) a b
