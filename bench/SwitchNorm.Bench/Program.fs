@@ -67,9 +67,40 @@ let warmUp () =
 
     Threading.Thread.Sleep 500
 
+/// A loop of calls, for a profiler (perf with DOTNET_PerfMapEnabled=1): where the time per call goes.
+/// Usage: --overhead-loop eval|train [N,C,H,W]
+let overheadLoop (mode: string) (shape: int64[]) (iterations: int) =
+    torch.set_num_threads 1
+    let x = torch.randn shape
+    let sn = new SwitchNorm2d(shape[1])
+
+    for _ in 1..iterations do
+        use _ = torch.NewDisposeScope()
+
+        if mode = "train" then
+            sn.train () |> ignore
+            (sn.forward (x.detach().requires_grad_ (true))).sum().backward ()
+        else
+            sn.eval () |> ignore
+            use _ = torch.no_grad ()
+            sn.forward x |> ignore
+
 [<EntryPoint>]
 let main argv =
     let quick = Array.contains "--quick" argv
+
+    match Array.tryFindIndex ((=) "--overhead-loop") argv with
+    | Some i ->
+        let mode = if argv.Length > i + 1 then argv[i + 1] else "eval"
+
+        if argv.Length > i + 2 then
+            overheadLoop mode (argv[i + 2].Split ',' |> Array.map int64) 20000
+        else
+            overheadLoop mode [| 2L; 4L; 2L; 2L |] 200000
+
+        exit 0
+    | None -> ()
+
     let reps = if quick then 7 else 21
     let warm = 3
 

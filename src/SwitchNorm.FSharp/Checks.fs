@@ -56,15 +56,15 @@ module Checks =
         if x.dim () < 2L then
             raise (ArgumentException($"{layer} expects an input of shape (N, C, *spatial); got shape {shapeText x.shape}.", "input"))
 
-        if x.shape[1] <> numFeatures then
+        if x.size 1 <> numFeatures then
             raise (
                 ArgumentException(
-                    $"{layer} expects {numFeatures} channels in dimension 1; got {x.shape[1]} (input shape {shapeText x.shape}).",
+                    $"{layer} expects {numFeatures} channels in dimension 1; got {x.size 1} (input shape {shapeText x.shape}).",
                     "input"
                 )
             )
 
-        if x.shape[0] = 0L || x.numel () = 0L then
+        if x.size 0 = 0L || x.numel () = 0L then
             raise (ArgumentException($"{layer} expects a non-empty input; got shape {shapeText x.shape}.", "input"))
 
     /// Checks that a parameter lives on the input's device and has a dtype the input can be combined with:

@@ -134,11 +134,11 @@ module Functional =
 
         let numFeatures =
             match p.Weight with
-            | Some w -> w.shape[0]
+            | Some w -> w.size 0
             | None ->
                 match running with
-                | Some r -> r.Mean.shape[0]
-                | None -> x.shape[if x.dim () >= 2L then 1 else 0]
+                | Some r -> r.Mean.size 0
+                | None -> x.size (if x.dim () >= 2L then 1 else 0)
 
         Checks.channels layer numFeatures x
 
@@ -161,12 +161,12 @@ module Functional =
             Checks.compatible layer what x t
 
         for (what, t) in [ "mean_weight", p.MeanLogits; "var_weight", p.VarLogits ] do
-            if t.shape <> [| k |] then
+            if t.dim () <> 1L || t.size 0 <> k then
                 invalidArg
                     "p"
                     $"{layer}: {what} must have shape [{k}] (one logit per component {spec.Components |> List.map (fun c -> c.ShortName)}); got {Checks.shapeText t.shape}."
 
-        let n = x.shape[0]
+        let n = x.size 0
         let valuesPerChannel = x.numel () / numFeatures
         let bnFromBatch = spec.UsesBatch && (training || running.IsNone)
 
@@ -314,7 +314,7 @@ module Functional =
             let rowMean, centred, m2 = Fused.rowMoments x3
 
             let inst = {
-                Count = float x3.shape[2]
+                Count = float (x3.size 2)
                 Mean = rowMean
                 M2 = m2
             }

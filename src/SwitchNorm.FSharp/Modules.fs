@@ -193,7 +193,13 @@ type SwitchNormNd
             Some {
                 Mean = this.get_buffer "running_mean"
                 Var = this.get_buffer "running_var"
-                BatchesTracked = this.get_buffer("num_batches_tracked").item<int64> ()
+                BatchesTracked =
+                    let t = this.get_buffer "num_batches_tracked"
+                    // read in place on the CPU: item() goes through a TensorAccessor, several native calls
+                    if t.device_type = DeviceType.CPU && t.dtype = torch.ScalarType.Int64 then
+                        Runtime.InteropServices.MemoryMarshal.Cast<byte, int64>(t.bytes)[0]
+                    else
+                        t.item<int64> ()
             }
         else
             None

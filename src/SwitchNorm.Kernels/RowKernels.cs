@@ -222,9 +222,11 @@ internal static unsafe class RowKernels
         Array.Clear(mean, 0, groups);
         Array.Clear(var, 0, groups);
 
+        double inv = 1.0 / k;
+
         for (int a = 0; a < n; a++)
             for (int b = 0; b < c; b++)
-                mean[bySample ? a : b] += rowMean[a * c + b] / k;
+                mean[bySample ? a : b] += rowMean[a * c + b] * inv;
 
         for (int a = 0; a < n; a++)
             for (int b = 0; b < c; b++)
@@ -234,10 +236,10 @@ internal static unsafe class RowKernels
                 var[g] += rowM2[i] + s * d * d;
             }
 
-        double count = k * s;
+        double count = k * s, invCount = 1.0 / count;
 
         for (int g = 0; g < groups; g++)
-            var[g] /= count;
+            var[g] *= invCount;
 
         return count;
     }

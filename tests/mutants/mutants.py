@@ -13,7 +13,7 @@ MUTANTS = {
     "unbiased-variance": [
         (F + "Moments.fs", "let variance (m: Moments) = m.M2 / m.Count", "let variance (m: Moments) = m.M2 / (m.Count - 1.0)"),
         (F + "Kernel.fs", "Var = st.M2 |> Array.map (fun v -> v / float st.S)", "Var = st.M2 |> Array.map (fun v -> v / float (st.S - 1))"),
-        (K, "var[g] /= count;", "var[g] /= count - 1;"),
+        (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
     ],
     # running = f·running + (1 − f)·batch instead of (1 − f)·running + f·batch.
     "momentum-reversed": [
