@@ -1,32 +1,46 @@
 #!/usr/bin/env -S dotnet fsi
-// Native-memory check: 5000 training steps of SwitchNorm2d (or BatchNorm2d with any argument) on (8,16,16,16),
-// printing RSS and managed memory after each 1000. Run after `dotnet build -c Release samples/SwitchNorm.Demo`:
-//   dotnet fsi bench/leak-check.fsx        (SwitchNorm2d)
-//   dotnet fsi bench/leak-check.fsx bn     (BatchNorm2d, the baseline)
+// Native-memory check: 10,000 training steps (forward, backward of sum(y · g), running-statistics update) of
+// SwitchNorm2d on (8,16,16,16), printing RSS and managed memory every 2000 steps. Run after
+// `dotnet build -c Release samples/SwitchNorm.Demo`:
+//   dotnet fsi bench/leak-check.fsx              SwitchNorm2d, each step in a dispose scope (TorchSharp's idiom)
+//   dotnet fsi bench/leak-check.fsx noscope      SwitchNorm2d, no dispose scope: only the GC releases tensors
+//   dotnet fsi bench/leak-check.fsx bn           BatchNorm2d, the baseline (bn-noscope: without dispose scopes)
+//   dotnet fsi bench/leak-check.fsx composed     SwitchNorm2d on the composed (autograd) path
 #load "../fsi-scripts/references.fsx"
 
 open TorchSharp
 open SwitchNorm
 
-let m =
-    (if fsi.CommandLineArgs.Length > 1 then
-         torch.nn.BatchNorm2d(16L) :> torch.nn.Module<torch.Tensor, torch.Tensor>
-     else
-         new SwitchNorm2d(16L))
+let mode = fsi.CommandLineArgs |> Array.tryItem 1 |> Option.defaultValue "scope"
+
+let m: torch.nn.Module<torch.Tensor, torch.Tensor> =
+    match mode with
+    | "bn"
+    | "bn-noscope" -> torch.nn.BatchNorm2d(16L)
+    | _ ->
+        let sn = new SwitchNorm2d(16L)
+        sn.Fused <- (mode <> "composed")
+        sn
 
 let rss () =
-    System.Diagnostics.Process.GetCurrentProcess().Refresh()
-    System.Diagnostics.Process.GetCurrentProcess().WorkingSet64 / 1048576L
+    use p = System.Diagnostics.Process.GetCurrentProcess()
+    p.WorkingSet64 / 1048576L
 
-let run n =
-    for _ in 1..n do
-        use _ = torch.NewDisposeScope()
-        let x = torch.randn(8L, 16L, 16L, 16L).requires_grad_ (true)
-        let y = m.forward x
-        y.sum().backward ()
-        m.zero_grad ()
+let g = torch.randn (8L, 16L, 16L, 16L)
+
+let step () =
+    let x = torch.randn(8L, 16L, 16L, 16L).requires_grad_ (true)
+    (m.forward x * g).sum().backward ()
+    m.zero_grad ()
 
 for i in 1..5 do
-    run 1000
+    for _ in 1..2000 do
+        if mode.EndsWith "noscope" then
+            step ()
+        else
+            use _ = torch.NewDisposeScope()
+            step ()
+
     System.GC.Collect()
-    printfn "after %d steps: RSS %d MB, managed %d MB" (i * 1000) (rss ()) (System.GC.GetTotalMemory(true) / 1048576L)
+    System.GC.WaitForPendingFinalizers()
+    printfn "%s: after %5d steps: RSS %d MB, managed %d MB" mode (i * 2000) (rss ()) (System.GC.GetTotalMemory(true) / 1048576L)

@@ -29,25 +29,6 @@ let time (warm: int) (reps: int) (f: unit -> unit) =
     ]
     |> median
 
-let rssMB () =
-    use p = Process.GetCurrentProcess()
-    float p.WorkingSet64 / 1048576.0
-
-/// MB of native memory a training forward keeps alive for its backward, beyond its input and output:
-/// RSS after the forward (graph alive) minus RSS before, minus the output's size; median of 5.
-let graphMB (m: Module) (x: torch.Tensor) =
-    [
-        for _ in 1..5 ->
-            use _ = torch.NewDisposeScope()
-            GC.Collect()
-            let xr = x.detach().requires_grad_ (true)
-            let before = rssMB ()
-            let y = m.forward xr
-            let after = rssMB ()
-            after - before - float (y.NumberOfElements * 4L) / 1048576.0
-    ]
-    |> median
-
 /// Runs every code path enough times for .NET's tiered JIT to promote it to optimized code, so the timings
 /// below measure the steady state of a training loop rather than the first calls.
 let warmUp () =
@@ -124,8 +105,8 @@ let main argv =
         reps
 
     printfn ""
-    printfn "| threads | shape | subject | train step ms | × BN | train fwd ms | × BN | eval ms | × BN | eval × copy | graph MB |"
-    printfn "|---|---|---|---|---|---|---|---|---|---|---|"
+    printfn "| threads | shape | subject | train step ms | × BN | train fwd ms | × BN | eval ms | × BN | eval × copy |"
+    printfn "|---|---|---|---|---|---|---|---|---|---|"
 
     for threads in [ 1; 2 ] do
         torch.set_num_threads threads
@@ -148,39 +129,58 @@ let main argv =
                 "GroupNorm(32)", torch.nn.GroupNorm(32L, c)
             ]
 
-            let copy = time warm reps (fun () -> x.clone () |> ignore)
             let shapeText = "(" + String.Join(",", shape) + ")"
 
-            let measure (m: Module) =
+            let trainStep (m: Module) () =
                 m.train () |> ignore
+                let xr = x.detach().requires_grad_ (true)
+                (m.forward xr * g).sum().backward ()
+                m.zero_grad ()
 
-                let step =
-                    time warm reps (fun () ->
-                        let xr = x.detach().requires_grad_ (true)
-                        (m.forward xr * g).sum().backward ()
-                        m.zero_grad ())
+            let trainForward (m: Module) () =
+                m.train () |> ignore
+                let xr = x.detach().requires_grad_ (true)
+                m.forward xr |> ignore
 
-                let fwd =
-                    time warm reps (fun () ->
-                        let xr = x.detach().requires_grad_ (true)
-                        m.forward xr |> ignore)
-
-                let mb = graphMB m x
+            let evalForward (m: Module) () =
                 m.eval () |> ignore
+                use _ = torch.no_grad ()
+                m.forward x |> ignore
 
-                let ev =
-                    time warm reps (fun () ->
-                        use _ = torch.no_grad ()
-                        m.forward x |> ignore)
+            // Subjects take turns within each repetition, so a burst of load on this shared machine hits all of
+            // them alike and the ratios stay meaningful; medians over the repetitions.
+            let interleaved (fs: (unit -> unit) list) =
+                for _ in 1..warm do
+                    for f in fs do
+                        use _ = torch.NewDisposeScope()
+                        f ()
 
-                step, fwd, ev, mb
+                let samples = fs |> List.map (fun _ -> ResizeArray<float>())
 
-            let results = subjects |> List.map (fun (name, m) -> name, measure m)
-            let _, (bnStep, bnFwd, bnEval, _) = List.head results
+                for _ in 1..reps do
+                    for (f, acc) in List.zip fs samples do
+                        use _ = torch.NewDisposeScope()
+                        let sw = Stopwatch.StartNew()
+                        f ()
+                        acc.Add sw.Elapsed.TotalMilliseconds
 
-            for (name, (step, fwd, ev, mb)) in results do
+                samples |> List.map (List.ofSeq >> median)
+
+            let copy =
+                (interleaved [
+                    fun () -> x.clone () |> ignore
+                ])
+                    .Head
+
+            let modules = subjects |> List.map snd
+            let steps = interleaved (modules |> List.map trainStep)
+            let fwds = interleaved (modules |> List.map trainForward)
+            let evals = interleaved (modules |> List.map evalForward)
+            let bnStep, bnFwd, bnEval = steps.Head, fwds.Head, evals.Head
+
+            for (((name, _), step), (fwd, ev)) in List.zip (List.zip subjects steps) (List.zip fwds evals) do
                 printfn
-                    "| %d | %s | %s | %.3f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.1f |"
+                    "| %d | %s | %s | %.3f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f |"
                     threads
                     shapeText
                     name
@@ -191,8 +191,7 @@ let main argv =
                     ev
                     (ev / bnEval)
                     (ev / copy)
-                    mb
 
-            printfn "| %d | %s | copy (x.clone) | | | %.3f | | | | | |" threads shapeText copy
+            printfn "| %d | %s | copy (x.clone) | | | %.3f | | | | |" threads shapeText copy
 
     0

@@ -7,7 +7,6 @@ open System.Collections.Generic
 open System.Numerics
 open System.Runtime.CompilerServices
 open System.Runtime.InteropServices
-open System.Threading
 open Microsoft.FSharp.NativeInterop
 open TorchSharp
 open SwitchNorm.Kernels
@@ -23,97 +22,14 @@ module internal Kernel =
         NativePtr.ofVoidPtr (Unsafe.AsPointer(&MemoryMarshal.GetReference bytes))
 
     /// <summary>
-    /// Helper threads for the row passes, one per extra libtorch thread. They block on an event between jobs
-    /// instead of spinning: .NET thread-pool workers spin-wait after their work, and on a machine with few cores
-    /// they starved libtorch's OpenMP workers (measured here, 2 cores: a 0.7 ms x.clone() at 2 threads took 68 ms
-    /// right after a Parallel.For over the rows).
+    /// Runs body 0 rows on the calling thread. The row passes do not fan out to other threads: libtorch's
+    /// OpenMP workers spin-wait after each parallel operator, and on a machine with few cores any thread of ours
+    /// competes with them. Measured here (2 cores): a 0.7 ms x.clone() at 2 threads took 68 ms right after a
+    /// Parallel.For over the rows (the pool's workers spin too); helper threads that block between jobs ran
+    /// the passes twice as fast in isolation, but when the layer's calls alternate with other libtorch
+    /// operators, as in a network, they gained nothing (eval of (32,64,56,56): 2.9 ms with helpers, 2.6 ms without).
     /// </summary>
-    type private Helpers(count: int) =
-        let start = Array.init count (fun _ -> new AutoResetEvent(false))
-        let finished = Array.init count (fun _ -> new AutoResetEvent(false))
-        let jobs: (unit -> unit)[] = Array.create count ignore
-        let errors: exn[] = Array.zeroCreate count
-
-        do
-            for i in 0 .. count - 1 do
-                let t =
-                    Thread(
-                        (fun () ->
-                            while true do
-                                start[i].WaitOne() |> ignore
-
-                                try
-                                    jobs[i]()
-                                with e ->
-                                    errors[i] <- e
-
-                                finished[i].Set() |> ignore),
-                        IsBackground = true,
-                        Name = $"SwitchNorm rows {i + 1}"
-                    )
-
-                t.Start()
-
-        member _.Count = count
-
-        /// Runs parts[0] on the calling thread and parts[1..] on the helpers; returns when all are done.
-        member _.Run(parts: (unit -> unit)[]) =
-            for i in 1 .. parts.Length - 1 do
-                errors[i - 1] <- null
-                jobs[i - 1] <- parts[i]
-                start[i - 1].Set() |> ignore
-
-            let mine =
-                try
-                    parts[0]()
-                    null
-                with e ->
-                    e
-
-            for i in 1 .. parts.Length - 1 do
-                finished[i - 1].WaitOne() |> ignore
-                jobs[i - 1] <- ignore
-
-            match mine, errors |> Array.tryFind (isNull >> not) with
-            | null, None -> ()
-            | null, Some e
-            | e, _ -> raise (AggregateException(e))
-
-    let private gate = obj ()
-    let mutable private helpers: Helpers option = None
-
-    /// <summary>
-    /// Runs body lo hi over [0, rows) in contiguous ranges, one per libtorch thread (torch.get_num_threads),
-    /// on the calling thread and on helper threads that block between jobs; inline when the work is under 2²⁰
-    /// values, when one thread is set, or when another caller is using the helpers.
-    /// </summary>
-    let forRows (rows: int) (rowLen: int) (body: int -> int -> unit) =
-        let threads = min rows (max 1 (torch.get_num_threads ()))
-
-        if
-            threads = 1
-            || int64 rows * int64 rowLen < (1L <<< 20)
-            || not (Monitor.TryEnter gate)
-        then
-            body 0 rows
-        else
-            try
-                let h =
-                    match helpers with
-                    | Some h when h.Count >= threads - 1 -> h
-                    | _ ->
-                        let h = Helpers(threads - 1)
-                        helpers <- Some h
-                        h
-
-                let part ci =
-                    let lo = int (int64 rows * int64 ci / int64 threads)
-                    let hi = int (int64 rows * int64 (ci + 1) / int64 threads)
-                    fun () -> body lo hi
-
-                h.Run(Array.init threads part)
-            finally
-                Monitor.Exit gate
+    let forRows (rows: int) (_rowLen: int) (body: int -> int -> unit) = body 0 rows
 
 /// Per-(n, c) statistics of a float32 input from the row kernels, in float64.
 type internal RowStats = {
