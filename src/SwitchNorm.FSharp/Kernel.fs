@@ -227,14 +227,11 @@ module internal KernelNorm =
         let st = plan.Stats
         let rows = st.N * st.C
         let mu, r = mixed plan wm wv
-        let scale = Array.zeroCreate rows
-        let shift = Array.zeroCreate rows
-
-        RowKernels.ScaleShift(st.N, st.C, r, mu, st.Centre, defaultArg gamma null, defaultArg beta null, scale, shift)
         let y = torch.empty_like x3
         let px = Kernel.pointer x3
         let py = Kernel.pointer y
-        Kernel.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.S, st.Centre, scale, shift, lo, hi))
+        let g, b = defaultArg gamma null, defaultArg beta null
+        Kernel.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.C, st.S, st.Centre, r, mu, g, b, lo, hi))
         y, mu, r
 
     /// Gradients of Σ grad·y with respect to x (or null), weight, bias and both mixing-weight vectors.
@@ -244,75 +241,79 @@ module internal KernelNorm =
         let rows = st.N * st.C
         let px = Kernel.pointer x3
         let pg = Kernel.pointer grad3
-        let sumG = Array.zeroCreate rows
-        let sumGx = Array.zeroCreate rows
-        Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradSums(pg, px, st.S, st.Centre, sumG, sumGx, lo, hi))
+        // Per-row temporaries come from a pool: a training loop would otherwise allocate about 60 bytes per
+        // (n, c) row per step for the GC to collect.
+        let pool = Buffers.ArrayPool<float>.Shared
+        let sumG, sumGx = pool.Rent rows, pool.Rent rows
+        let dMu, dVar, gr = pool.Rent rows, pool.Rent rows, pool.Rent rows
+        let q, c0 = pool.Rent rows, pool.Rent rows
 
-        let dGamma = Array.zeroCreate st.C
-        let dBeta = Array.zeroCreate st.C
-        let dMu = Array.zeroCreate rows
-        let dVar = Array.zeroCreate rows
-        let gr = Array.zeroCreate rows
-        RowKernels.GradRows(st.N, st.C, sumG, sumGx, st.Centre, sv.Mu, sv.R, defaultArg sv.Gamma null, gr, dMu, dVar, dGamma, dBeta)
+        try
+            Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradSums(pg, px, st.S, st.Centre, sumG, sumGx, lo, hi))
 
-        let k = plan.Components.Length
+            let dGamma = Array.zeroCreate st.C
+            let dBeta = Array.zeroCreate st.C
+            RowKernels.GradRows(st.N, st.C, sumG, sumGx, st.Centre, sv.Mu, sv.R, defaultArg sv.Gamma null, gr, dMu, dVar, dGamma, dBeta)
 
-        let dwm =
-            Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dMu, plan.Components[j].Mean, st.Mean))
+            let k = plan.Components.Length
 
-        let dwv =
-            Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dVar, plan.Components[j].Var, null))
+            let dwm =
+                Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dMu, plan.Components[j].Mean, st.Mean))
 
-        let dx =
-            if not sv.InputNeedsGrad then
-                null
-            else
-                // Gradients reaching each per-sample and per-channel statistic.
-                let muSample, muChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
-                let varSample, varChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
-                RowKernels.SumGroups(st.N, st.C, dMu, muSample, muChannel)
-                RowKernels.SumGroups(st.N, st.C, dVar, varSample, varChannel)
-                // dx = gr·g + q·(x − centre) + c0 per row.
-                let q = Array.zeroCreate rows
-                let c0 = Array.zeroCreate rows
+            let dwv =
+                Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dVar, plan.Components[j].Var, null))
 
-                for j in 0 .. k - 1 do
-                    let comp = plan.Components[j]
+            let dx =
+                if not sv.InputNeedsGrad then
+                    null
+                else
+                    // Gradients reaching each per-sample and per-channel statistic.
+                    let muSample, muChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
+                    let varSample, varChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
+                    RowKernels.SumGroups(st.N, st.C, dMu, muSample, muChannel)
+                    RowKernels.SumGroups(st.N, st.C, dVar, varSample, varChannel)
+                    // dx = gr·g + q·(x − centre) + c0 per row.
+                    Array.Clear(q, 0, rows)
+                    Array.Clear(c0, 0, rows)
 
-                    let reaching =
-                        match comp.Kind with
-                        | PerRow -> Some(dMu, dVar)
-                        | PerSample -> Some(muSample, varSample)
-                        | PerChannel -> Some(muChannel, varChannel)
-                        | Constant -> None
+                    for j in 0 .. k - 1 do
+                        let comp = plan.Components[j]
 
-                    match reaching with
-                    | Some(dm, dv) ->
-                        RowKernels.GradInputCoefficients(
-                            st.N,
-                            st.C,
-                            code comp.Kind,
-                            comp.Count,
-                            sv.WMean[j],
-                            sv.WVar[j],
-                            dm,
-                            dv,
-                            comp.Mean,
-                            st.Centre,
-                            q,
-                            c0
-                        )
-                    | None -> ()
+                        let reaching =
+                            match comp.Kind with
+                            | PerRow -> Some(dMu, dVar)
+                            | PerSample -> Some(muSample, varSample)
+                            | PerChannel -> Some(muChannel, varChannel)
+                            | Constant -> None
 
-                let p32 = Array.map float32 gr
-                let q32 = Array.map float32 q
-                let c32 = Array.map float32 c0
-                let dx = torch.empty_like x3
-                let pd = Kernel.pointer dx
-                Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradInput(pg, px, pd, st.S, st.Centre, p32, q32, c32, lo, hi))
-                dx
+                        match reaching with
+                        | Some(dm, dv) ->
+                            RowKernels.GradInputCoefficients(
+                                st.N,
+                                st.C,
+                                code comp.Kind,
+                                comp.Count,
+                                sv.WMean[j],
+                                sv.WVar[j],
+                                dm,
+                                dv,
+                                comp.Mean,
+                                st.Centre,
+                                q,
+                                c0
+                            )
+                        | None -> ()
 
-        dx, dGamma, dBeta, dwm, dwv
+                    let dx = torch.empty_like x3
+                    let pd = Kernel.pointer dx
+                    Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradInput(pg, px, pd, st.S, st.Centre, gr, q, c0, lo, hi))
+                    dx
+
+            dx, dGamma, dBeta, dwm, dwv
+        finally
+            for a in [ sumG; sumGx; dMu; dVar; gr; q; c0 ] do
+                pool.Return a
+
 
 /// The kernel normalizer as an autograd function. Inputs: x (N, C, S) contiguous float32, weight [C] or null,
 /// bias [C] or null, mean and variance weights [K] in float64 (or, with the flag at position 6 set, the logits

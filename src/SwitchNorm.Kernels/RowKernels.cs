@@ -26,20 +26,26 @@ internal static unsafe class RowKernels
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void Stats(float* x, int s, float[] centre, double[] mean, double[] m2, int lo, int hi)
     {
+        double inv = 1.0 / s;
+
         for (int i = lo; i < hi; i++)
         {
             float* p = x + (long)i * s;
-            float a = (float)(Sum(p, s) / s);
+            float a = (float)(Sum(p, s) * inv);
             Centred(p, s, a, out double s1, out double s2);
             centre[i] = a;
-            mean[i] = a + s1 / s;
-            m2[i] = Math.Max(0.0, s2 - s1 * s1 / s);
+            mean[i] = a + s1 * inv;
+            m2[i] = Math.Max(0.0, s2 - s1 * s1 * inv);
         }
     }
 
-    /// <summary>Per row: y = (x − centre) · scale + shift.</summary>
+    /// <summary>
+    /// Per row i = n·C + c: y = (x − centre) · scale + shift, with scale = r·γ_c and shift = β_c + (centre − μ)·scale
+    /// computed in float64 for the row (γ and β may be null: 1 and 0).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void Affine(float* x, float* y, int s, float[] centre, float[] scale, float[] shift, int lo, int hi)
+    internal static void Affine(
+        float* x, float* y, int c, int s, float[] centre, double[] r, double[] mu, double[]? gamma, double[]? beta, int lo, int hi)
     {
         int w = Vector<float>.Count;
 
@@ -47,7 +53,10 @@ internal static unsafe class RowKernels
         {
             float* px = x + (long)i * s;
             float* py = y + (long)i * s;
-            float a = centre[i], sc = scale[i], sh = shift[i];
+            int ch = i % c;
+            double scd = gamma is null ? r[i] : r[i] * gamma[ch];
+            double shd = (beta is null ? 0.0 : beta[ch]) + (centre[i] - mu[i]) * scd;
+            float a = centre[i], sc = (float)scd, sh = (float)shd;
             var va = new Vector<float>(a);
             var vs = new Vector<float>(sc);
             var vb = new Vector<float>(sh);
@@ -108,7 +117,7 @@ internal static unsafe class RowKernels
 
     /// <summary>Per row: dx = p · g + q · (x − centre) + r.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void GradInput(float* g, float* x, float* dx, int s, float[] centre, float[] p, float[] q, float[] r, int lo, int hi)
+    internal static void GradInput(float* g, float* x, float* dx, int s, float[] centre, double[] p, double[] q, double[] r, int lo, int hi)
     {
         int w = Vector<float>.Count;
 
@@ -117,7 +126,7 @@ internal static unsafe class RowKernels
             float* pg = g + (long)i * s;
             float* px = x + (long)i * s;
             float* pd = dx + (long)i * s;
-            float a = centre[i], pi = p[i], qi = q[i], ri = r[i];
+            float a = centre[i], pi = (float)p[i], qi = (float)q[i], ri = (float)r[i];
             var va = new Vector<float>(a);
             var vp = new Vector<float>(pi);
             var vq = new Vector<float>(qi);
@@ -283,24 +292,6 @@ internal static unsafe class RowKernels
     }
 
     /// <summary>
-    /// Per row, from the mixed mean μ and r = 1/sqrt(σ² + eps): the output's scale r·γ and its shift
-    /// β + (centre − μ)·r·γ about the row's centre.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void ScaleShift(int n, int c, double[] r, double[] mu, float[] centre, double[]? gamma, double[]? beta, float[] scale, float[] shift)
-    {
-        for (int a = 0; a < n; a++)
-            for (int b = 0; b < c; b++)
-            {
-                int i = a * c + b;
-                double sc = gamma is null ? r[i] : r[i] * gamma[b];
-                double bc = beta is null ? 0.0 : beta[b];
-                scale[i] = (float)sc;
-                shift[i] = (float)(bc + (centre[i] - mu[i]) * sc);
-            }
-    }
-
-    /// <summary>
     /// The backward's per-row coefficients from Σ g and Σ g·(x − centre): gr = r·γ, ∂L/∂μ, ∂L/∂σ², and the
     /// per-channel gradients of γ and β (accumulated into dGamma, dBeta).
     /// </summary>
@@ -352,14 +343,16 @@ internal static unsafe class RowKernels
         int n, int c, int kind, double count, double wMean, double wVar, double[] dm, double[] dv, double[] mean,
         float[] centre, double[] q, double[] c0)
     {
+        double fv = 2.0 * wVar / count, fm = wMean / count;
+
         for (int a = 0; a < n; a++)
             for (int b = 0; b < c; b++)
             {
                 int i = a * c + b;
                 int g = kind == 0 ? i : kind == 1 ? a : b;
-                double dvq = wVar * dv[g] * 2.0 / count;
+                double dvq = fv * dv[g];
                 q[i] += dvq;
-                c0[i] += wMean * dm[g] / count + dvq * (centre[i] - mean[g]);
+                c0[i] += fm * dm[g] + dvq * (centre[i] - mean[g]);
             }
     }
 }

@@ -23,9 +23,11 @@ for m in "${mutants[@]}"; do
 import sys, xml.etree.ElementTree as ET
 ns = {"t": "http://microsoft.com/schemas/VisualStudio/TeamTest/2010"}
 root = ET.parse(sys.argv[1]).getroot()
+import re
 def short(name):
-    head = name.split("(")[0]          # drop theory arguments, which may contain dots
-    return head.rsplit(".", 1)[-1]     # drop the module/class prefix
+    name = re.sub(r"\((\w+: .*)\)$", "", name)   # drop theory arguments "(n: 1, c: 2.5)", which may contain dots
+    prefix = re.match(r"^[\w+]+\.", name)          # drop the module/class prefix "Properties+XunitRunner."
+    return name[prefix.end():] if prefix else name
 failed = sorted({short(r.get("testName")) for r in root.iterfind(".//t:UnitTestResult", ns)
                  if r.get("outcome") == "Failed" and "Expecto tree" not in r.get("testName")})
 print(f"{len(failed)}\t" + "; ".join(failed))
