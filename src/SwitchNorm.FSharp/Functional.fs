@@ -175,9 +175,6 @@ module Functional =
                 "input"
                 $"{layer}: expected more than 1 value per channel when using batch statistics (training, or no running statistics); got input shape {Checks.shapeText x.shape}, so N × spatial = {valuesPerChannel}. Use a larger batch or set using_bn = false."
 
-        // Gradients the fused backward handed to libtorch at the previous step are no longer needed by it:
-        // releasing them now lets the allocator reuse their memory for this step.
-        GradHandOver.Release()
         use scope = torch.NewDisposeScope()
         let origDtype = x.dtype
 
