@@ -143,3 +143,32 @@ let ``running statistics follow the closed form of the exponential average`` () 
     assertClose "running_mean" 1e-12 m.running_mean expMean
     assertClose "running_var" 1e-12 m.running_var expVar
     Assert.Equal(int64 k, m.num_batches_tracked.item<int64> ())
+
+[<Theory>]
+[<InlineData("narrowed (storage offset)")>]
+[<InlineData("transposed")>]
+[<InlineData("channels-last layout")>]
+let ``inputs that are views give the same outputs and gradients as contiguous copies`` (layout: string) =
+    // The float32 kernels read raw memory: views with offsets or strides must go through a contiguous copy.
+    let x =
+        match layout with
+        | "narrowed (storage offset)" -> (randnSeeded 7L [| 4L; 3L; 5L; 5L |] torch.ScalarType.Float32).narrow (0L, 1L, 2L)
+        | "transposed" -> (randnSeeded 8L [| 2L; 3L; 5L; 5L |] torch.ScalarType.Float32).transpose (2L, 3L)
+        | _ -> (randnSeeded 9L [| 2L; 5L; 5L; 3L |] torch.ScalarType.Float32).permute (0L, 3L, 1L, 2L)
+
+    let g = randnSeeded 10L x.shape torch.ScalarType.Float32
+
+    for training in [ true; false ] do
+        let run (input: torch.Tensor) =
+            let m = new SwitchNorm2d(3L)
+            (if training then m.train () else m.eval ()) |> ignore
+            let xr = input.detach().requires_grad_ (true)
+            let y = m.forward xr
+            (y * g).sum().backward ()
+            y.detach (), xr.grad, m.mean_weight.grad
+
+        let y1, gx1, gl1 = run x
+        let y2, gx2, gl2 = run (x.contiguous ())
+        Assert.True(exactEq y1 y2, $"{layout}, training {training}: outputs differ")
+        Assert.True(exactEq gx1 gx2, $"{layout}, training {training}: input gradients differ")
+        Assert.True(exactEq gl1 gl2, $"{layout}, training {training}: logit gradients differ")
