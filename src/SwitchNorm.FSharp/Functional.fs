@@ -187,6 +187,26 @@ module Functional =
         let x3 = x.reshape (n, numFeatures, -1L)
         let x3 = if x3.dtype = cd then x3 else x3.to_type cd
 
+        // A switch other than the paper's softmax is checked: the fused paths mix means about the row mean, which
+        // equals Σ w·mean only for weights summing to 1, and the layer is only a normalizer for convex weights.
+        let switched (logits: torch.Tensor) (dtype: torch.ScalarType) =
+            let w = spec.Switch(logits.to_type dtype)
+
+            if not (Mixing.isSoftmax spec.Switch) then
+                let v = KernelNorm.read w
+                let total = Array.sum v
+
+                if
+                    v.Length <> int k
+                    || v |> Array.exists (fun a -> not (a >= 0.0))
+                    || abs (total - 1.0) > 1e-5
+                then
+                    invalidArg
+                        "spec"
+                        $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v} (sum {total})."
+
+            w
+
         let composed () =
             let inst = Moments.ofRows x3
 
@@ -199,8 +219,8 @@ module Functional =
                 | None, None -> invalidOp "unreachable: BN without batch or running statistics"
 
             let stats = spec.Components |> List.map (fun comp -> statistic inst comp bnStats)
-            let wMean = spec.Switch(p.MeanLogits.to_type cd)
-            let wVar = spec.Switch(p.VarLogits.to_type cd)
+            let wMean = switched p.MeanLogits cd
+            let wVar = switched p.VarLogits cd
             let mean = Mixing.mix wMean (stats |> List.map fst)
             let var = Mixing.mix wVar (stats |> List.map snd)
             let invStd = (var + spec.Eps).rsqrt ()
@@ -287,7 +307,7 @@ module Functional =
                 if softmaxInside then
                     p.MeanLogits, p.VarLogits
                 else
-                    spec.Switch(p.MeanLogits.to_type torch.ScalarType.Float64), spec.Switch(p.VarLogits.to_type torch.ScalarType.Float64)
+                    switched p.MeanLogits torch.ScalarType.Float64, switched p.VarLogits torch.ScalarType.Float64
 
             let y3 =
                 if needsGraph [ wMean; wVar ] then
@@ -344,8 +364,8 @@ module Functional =
                 Eps = spec.Eps
             }
 
-            let wMean = spec.Switch(p.MeanLogits.to_type cd)
-            let wVar = spec.Switch(p.VarLogits.to_type cd)
+            let wMean = switched p.MeanLogits cd
+            let wVar = switched p.VarLogits cd
 
             let y3 =
                 if needsGraph [ wMean; wVar ] then

@@ -27,7 +27,7 @@ type internal FusedStats = {
     Vars: torch.Tensor[]
     /// Per-(n, c) mean [N, C].
     RowMean: torch.Tensor
-    /// x − RowMean, [N, C, S]: the one full-size tensor kept for the backward pass.
+    /// x − RowMean, [N, C, S], for the output (the backward keeps x and recomputes it).
     Centred: torch.Tensor
     /// Added to the mixed variance.
     Eps: float
@@ -46,21 +46,6 @@ type internal FusedInfo = {
 /// The fused normalizer: per-(n, c) statistics from one two-pass reduction, O(N·C) mixing, one affine pass
 /// for the output, and a hand-written backward of two passes over the gradient.
 module internal Fused =
-
-    /// y[n, c, s] = x[n, c, s] · scale[n, c] + shift[n, c] in one pass over x (N, C, S), through libtorch's
-    /// inference batch-norm kernel on the (1, N·C, S) view with mean 0, variance 1 and eps 0.
-    let affine (x3: torch.Tensor) (scale: torch.Tensor) (shift: torch.Tensor) : torch.Tensor =
-        let n, c, s = x3.shape[0], x3.shape[1], x3.shape[2]
-        let nc = n * c
-        use zeros = torch.zeros (nc, dtype = x3.dtype, device = x3.device)
-        use ones = torch.ones (nc, dtype = x3.dtype, device = x3.device)
-        use sc = scale.expand(n, c).reshape (nc)
-        use sh = shift.expand(n, c).reshape (nc)
-
-        use y =
-            torch.nn.functional.batch_norm (x3.reshape (1L, nc, s), zeros, ones, sc, sh, false, 0.0, 0.0)
-
-        y.view (n, c, s)
 
     /// Per-row mean [N, C], the centred tensor x − mean [N, C, S] and the centred sum of squares [N, C]:
     /// two passes (mean, then the norm of the centred rows), no E[x²] − E[x]² cancellation.
@@ -90,7 +75,9 @@ module internal Fused =
             else
                 shift0 + beta.view (1L, -1L)
 
-        affine st.Centred scale shift, mu, r
+        // One pass, any strides, and a fresh tensor (not a view, which libtorch would mark as created inside a
+        // custom function and refuse to modify in place afterwards).
+        torch.addcmul (shift.unsqueeze 2L, st.Centred, scale.unsqueeze 2L, 1.0), mu, r
 
     /// <summary>
     /// The same normalization as a composition of differentiable tensor operations, from the input, the
@@ -200,10 +187,10 @@ type internal SwitchNormFunction() =
 
         ctx.save_for_backward (
             List<torch.Tensor>(
-                [ st.Centred; st.RowMean; mu; r; wm; wv; gamma ]
+                [ x3; st.RowMean; mu; r; wm; wv; gamma ]
                 @ List.ofArray st.Means
                 @ List.ofArray st.Vars
-                @ [ x3; beta ]
+                @ [ beta ]
             )
         )
 
@@ -227,14 +214,14 @@ type internal SwitchNormFunction() =
         let info = ctx.get_data "info" :?> FusedInfo
         let saved = ctx.get_saved_variables ()
 
-        let xc, rowMean, mu, r, wm, wv, gamma =
+        let x3, rowMean, mu, r, wm, wv, gamma =
             saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6]
 
         let k = info.Kinds.Length
         let means = Array.init k (fun i -> saved[7 + i])
         let vars = Array.init k (fun i -> saved[7 + k + i])
-        let x3, beta = saved[7 + 2 * k], saved[8 + 2 * k]
-        let n, c, s = xc.shape[0], xc.shape[1], xc.shape[2]
+        let beta = saved[7 + 2 * k]
+        let n, c, s = x3.size 0, x3.size 1, x3.size 2
 
         if torch.is_grad_enabled () then
             // create_graph: differentiate the composition, with a graph, so higher derivatives are exact.
@@ -251,6 +238,11 @@ type internal SwitchNormFunction() =
             GradHandOver.Keep grads
             List<torch.Tensor>(grads @ [ null ])
         else
+
+            // Only x is kept for the backward: x − rowMean is recomputed here (one pass).
+            let xc =
+                use _ = torch.no_grad ()
+                x3.detach () - rowMean.unsqueeze 2L
 
             let g3 = grad.reshape (n, c, s)
             // The only full-size reductions: Σₛ g and Σₛ g·(x − rowMean), per (n, c).
@@ -292,7 +284,7 @@ type internal SwitchNormFunction() =
                             q <- q + dv
                             c0 <- c0 + dm + dv * (rowMean - means[i])
 
-                    let dx3 = Fused.affine xc q c0
+                    let dx3 = torch.addcmul (c0.unsqueeze 2L, xc, q.unsqueeze 2L, 1.0)
                     dx3.addcmul_ (g3, gr.unsqueeze 2L, 1.0)
 
             let grads = [ dx; dWeight; dBias; dwm; dwv ]

@@ -174,7 +174,10 @@ module internal KernelNorm =
                 Kind = kind
                 Count = float st.S
                 Mean = st.Mean
-                Var = st.M2 |> Array.map (fun v -> v / float st.S)
+                Var =
+                    let v = Array.zeroCreate st.M2.Length
+                    RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)
+                    v
               }
             | PerSample
             | PerChannel ->
@@ -216,10 +219,7 @@ module internal KernelNorm =
             RowKernels.Accumulate(st.N, st.C, code comp.Kind, comp.Mean, wm[k], st.Mean, mu)
             RowKernels.Accumulate(st.N, st.C, code comp.Kind, comp.Var, wv[k], null, var)
 
-        for i in 0 .. rows - 1 do
-            mu[i] <- mu[i] + st.Mean[i]
-            var[i] <- 1.0 / sqrt (var[i] + plan.Eps)
-
+        RowKernels.FinishMixture(rows, st.Mean, plan.Eps, mu, var)
         mu, var
 
     /// The normalized output (N, C, S) of a contiguous float32 x3, with the mixed mean and 1/std per row.

@@ -355,4 +355,42 @@ internal static unsafe class RowKernels
                 c0[i] += fm * dm[g] + dvq * (centre[i] - mean[g]);
             }
     }
+
+    /// <summary>
+    /// Finishes the mixture per row: mu[i] += rowMean[i] (the mixture was accumulated about the row mean) and
+    /// var[i] = 1/sqrt(var[i] + eps). Vectorized over rows.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void FinishMixture(int rows, double[] rowMean, double eps, double[] mu, double[] var)
+    {
+        int w = Vector<double>.Count, i = 0;
+        var ve = new Vector<double>(eps);
+
+        for (; i + w <= rows; i += w)
+        {
+            var m = new Vector<double>(mu, i) + new Vector<double>(rowMean, i);
+            m.CopyTo(mu, i);
+            var r = Vector<double>.One / Vector.SquareRoot(new Vector<double>(var, i) + ve);
+            r.CopyTo(var, i);
+        }
+
+        for (; i < rows; i++)
+        {
+            mu[i] += rowMean[i];
+            var[i] = 1.0 / Math.Sqrt(var[i] + eps);
+        }
+    }
+
+    /// <summary>dst[i] = src[i] · factor for i &lt; n.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void Scale(int n, double[] src, double factor, double[] dst)
+    {
+        int w = Vector<double>.Count, i = 0;
+
+        for (; i + w <= n; i += w)
+            (new Vector<double>(src, i) * factor).CopyTo(dst, i);
+
+        for (; i < n; i++)
+            dst[i] = src[i] * factor;
+    }
 }

@@ -172,3 +172,60 @@ let ``inputs that are views give the same outputs and gradients as contiguous co
         Assert.True(exactEq y1 y2, $"{layout}, training {training}: outputs differ")
         Assert.True(exactEq gx1 gx2, $"{layout}, training {training}: input gradients differ")
         Assert.True(exactEq gl1 gl2, $"{layout}, training {training}: logit gradients differ")
+
+[<Theory>]
+[<InlineData("float64")>]
+[<InlineData("float32")>]
+let ``the output can be modified in place, as after an in-place ReLU`` (dtypeName: string) =
+    let dtype =
+        if dtypeName = "float64" then
+            torch.ScalarType.Float64
+        else
+            torch.ScalarType.Float32
+
+    let x = randnSeeded 11L [| 2L; 3L; 4L; 4L |] dtype
+
+    let run inPlace =
+        let m = new SwitchNorm2d(3L, dtype = dtype)
+        let xr = x.detach().requires_grad_ (true)
+        let y = m.forward xr
+        let z = if inPlace then y.relu_ () else y.relu ()
+        z.square().sum().backward ()
+        z.detach (), xr.grad
+
+    let z1, g1 = run true
+    let z2, g2 = run false
+    Assert.True(exactEq z1 z2, "outputs differ")
+    assertClose "input gradient" (tol dtype) g1 g2
+
+[<Fact>]
+let ``a custom switch must return convex weights, on every path`` () =
+    let x = randnSeeded 12L [| 2L; 3L; 4L; 4L |] torch.ScalarType.Float64
+    let sharp: Switch = fun l -> (l * 2.0).softmax 0L
+    let notConvex: Switch = fun l -> l.sigmoid ()
+
+    let forward (switch: Switch) fused =
+        let spec = {
+            Norm.paper with
+                Switch = switch
+                Fused = fused
+        }
+
+        let p = {
+            Norm.initParams spec 3L with
+                MeanLogits = torch.tensor ([| 0.3; -1.0; 0.5 |], dtype = torch.ScalarType.Float64)
+                VarLogits = torch.tensor ([| 1.0; 0.0; -0.5 |], dtype = torch.ScalarType.Float64)
+        }
+
+        let p = {
+            p with
+                Weight = p.Weight |> Option.map (fun w -> w.to_type torch.ScalarType.Float64)
+                Bias = p.Bias |> Option.map (fun b -> b.to_type torch.ScalarType.Float64)
+        }
+
+        (Norm.apply spec p None true x).Output
+
+    assertClose "a convex custom switch: fused vs composed" 1e-10 (forward sharp true) (forward sharp false)
+
+    for fused in [ true; false ] do
+        throws<ArgumentException> (fun () -> box (forward notConvex fused)) [ "convex weights"; "sum" ]

@@ -25,9 +25,9 @@ MUTANTS = {
     "shared-softmax": [
         (F + "Kernel.fs", "let wMean, wVar = weights wm, weights wv", "let wMean, wVar = weights wm, weights wm"),
         (F + "Functional.fs", "(weights wMean) (weights wVar)", "(weights wMean) (weights wMean)"),
-        (F + "Functional.fs", "spec.Switch(p.MeanLogits.to_type torch.ScalarType.Float64), spec.Switch(p.VarLogits.to_type torch.ScalarType.Float64)",
-         "spec.Switch(p.MeanLogits.to_type torch.ScalarType.Float64), spec.Switch(p.MeanLogits.to_type torch.ScalarType.Float64)"),
-        (F + "Functional.fs", "let wVar = spec.Switch(p.VarLogits.to_type cd)", "let wVar = spec.Switch(p.MeanLogits.to_type cd)"),
+        (F + "Functional.fs", "switched p.MeanLogits torch.ScalarType.Float64, switched p.VarLogits torch.ScalarType.Float64",
+         "switched p.MeanLogits torch.ScalarType.Float64, switched p.MeanLogits torch.ScalarType.Float64"),
+        (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched p.MeanLogits cd"),
     ],
     # 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps).
     "eps-outside-sqrt": [
@@ -53,7 +53,7 @@ MUTANTS = {
     "var-logits-detached": [
         (F + "Kernel.fs", "weightGrad sv.WVar dwv", "torch.zeros_like (weightGrad sv.WVar dwv)"),
         (F + "Fused.fs", "let dwv = torch.stack [ for v in vars -> (dVar * v).sum () ]", "let dwv = torch.zeros_like (torch.stack [ for v in vars -> (dVar * v).sum () ])"),
-        (F + "Functional.fs", "let wVar = spec.Switch(p.VarLogits.to_type cd)", "let wVar = spec.Switch(p.VarLogits.detach().to_type cd)"),
+        (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched (p.VarLogits.detach ()) cd"),
     ],
 }
 
