@@ -12,7 +12,7 @@ MUTANTS = {
     # per-row and pooled variances of the float32 row kernels.
     "unbiased-variance": [
         (F + "Moments.fs", "let variance (m: Moments) = m.M2 / m.Count", "let variance (m: Moments) = m.M2 / (m.Count - 1.0)"),
-        (F + "Kernel.fs", "Var = st.M2 |> Array.map (fun v -> v / float st.S)", "Var = st.M2 |> Array.map (fun v -> v / float (st.S - 1))"),
+        (F + "Kernel.fs", "RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)", "RowKernels.Scale(v.Length, st.M2, 1.0 / float (st.S - 1), v)"),
         (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
     ],
     # running = f·running + (1 − f)·batch instead of (1 − f)·running + f·batch.
@@ -31,7 +31,9 @@ MUTANTS = {
     ],
     # 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps).
     "eps-outside-sqrt": [
-        (F + "Kernel.fs", "var[i] <- 1.0 / sqrt (var[i] + plan.Eps)", "var[i] <- 1.0 / (sqrt var[i] + plan.Eps)"),
+        (K, "var r = Vector<double>.One / Vector.SquareRoot(new Vector<double>(var, i) + ve);",
+         "var r = Vector<double>.One / (Vector.SquareRoot(new Vector<double>(var, i)) + ve);"),
+        (K, "var[i] = 1.0 / Math.Sqrt(var[i] + eps);", "var[i] = 1.0 / (Math.Sqrt(var[i]) + eps);"),
         (F + "Fused.fs", "use varEps = var + st.Eps", "use varEps = (var.sqrt () + st.Eps).square ()"),
         (F + "Functional.fs", "let invStd = (var + spec.Eps).rsqrt ()", "let invStd = (var.sqrt () + spec.Eps).reciprocal ()"),
     ],
