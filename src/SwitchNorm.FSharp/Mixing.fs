@@ -52,3 +52,111 @@ module Mixing =
         stats
         |> List.mapi (fun k s -> weights[int64 k] * s)
         |> List.reduce (fun a b -> a + b)
+
+    /// The values of a small tensor, in float64.
+    let private valuesOf (t: torch.Tensor) : float[] =
+        use d = t.detach().to_type(torch.ScalarType.Float64).cpu().contiguous ()
+        d.data<float>().ToArray()
+
+    /// Indices of v from largest to smallest value, ties by lower index.
+    let private descending (v: float[]) =
+        Array.init v.Length id
+        |> Array.sortWith (fun a b -> compare (v[b], a) (v[a], b))
+
+    let private indexTensor (idx: int[]) (device: torch.Device) =
+        torch.tensor (idx |> Array.map int64, dtype = torch.ScalarType.Int64, device = device)
+
+    /// <summary>
+    /// sparsemax (Martins and Astudillo, ICML 2016): the Euclidean projection of the logits onto the simplex,
+    /// max(λ − τ, 0) with τ chosen so the weights sum to 1. Unlike softmax it gives exact zeros. Differentiable
+    /// through autograd (the support is fixed within a step).
+    /// </summary>
+    [<CompiledName("Sparsemax")>]
+    let sparsemax: Switch =
+        fun z ->
+            let v = valuesOf z
+            let order = descending v
+            // the support: the largest m with 1 + m·v(m) > v(1) + … + v(m), over values sorted downwards
+            let mutable cum = 0.0
+            let mutable m = 0
+
+            for j in 1 .. v.Length do
+                cum <- cum + v[order[j - 1]]
+
+                if 1.0 + float j * v[order[j - 1]] > cum then
+                    m <- j
+
+            use top = indexTensor order[0 .. m - 1] z.device
+            use chosen = z.index_select (0L, top)
+            use s = chosen.sum ()
+            use tau = (s - 1.0) / float m
+            use shifted = z - tau
+            shifted.clamp_min (0.0)
+
+    /// <summary>
+    /// sparsestmax (Shao et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax", CVPR 2019) at
+    /// radius ρ ∈ [0, 1]: the projection of the logits onto the part of the simplex at distance at least
+    /// ρ·sqrt(1 − 1/K) from its centre. ρ = 0 is sparsemax; ρ = 1 leaves only the vertices, so the weights are
+    /// one-hot. When sparsemax lands inside the ball, the nearest point on the sphere maximizes ⟨p, λ⟩; it lies on
+    /// the face of the m largest logits, at the face's centre plus the centred logits scaled to the sphere, for the
+    /// largest m that keeps every weight non-negative. Equal logits pick the lowest index, so there is no NaN.
+    /// </summary>
+    [<CompiledName("Sparsestmax")>]
+    let sparsestmax (radius: float) : Switch =
+        if not (radius >= 0.0 && radius <= 1.0) then
+            invalidArg "radius" $"Mixing.sparsestmax: the radius must lie in [0, 1]; got {radius}."
+
+        fun z ->
+            let p0 = sparsemax z
+            let k = int z.shape[0]
+            let r2 = radius * radius * (1.0 - 1.0 / float k)
+            let centre = 1.0 / float k
+            let dist2 = valuesOf p0 |> Array.sumBy (fun p -> (p - centre) * (p - centre))
+
+            if k = 1 || dist2 >= r2 then
+                p0
+            else
+                p0.Dispose()
+                let v = valuesOf z
+                let order = descending v
+
+                let rec onFace m =
+                    // the sphere's trace on the face of the top m logits: centre 1/m there, radius² r² − (1/m − 1/K)
+                    let rFace2 = r2 - (1.0 / float m - 1.0 / float k)
+
+                    if m = 1 then
+                        // the vertex of the largest logit
+                        use idx = indexTensor [| order[0] |] z.device
+                        use one = torch.ones (1L, dtype = z.dtype, device = z.device)
+                        use zeros = z * 0.0 // zeros that stay in the graph, so a constant result still has a (zero) gradient
+                        zeros.scatter (0L, idx, one)
+                    elif rFace2 < 0.0 then
+                        onFace (m - 1)
+                    else
+                        let rFace = sqrt (max rFace2 0.0)
+                        use idx = indexTensor order[0 .. m - 1] z.device
+                        use zs = z.index_select (0L, idx)
+                        use centred = zs - zs.mean ()
+                        let norm = sqrt (valuesOf centred |> Array.sumBy (fun a -> a * a))
+
+                        use direction =
+                            if norm > 1e-12 then
+                                centred / norm
+                            else
+                                // equal logits on the face: head for the first one's vertex
+                                let d =
+                                    Array.init m (fun i -> if i = 0 then 1.0 - 1.0 / float m else -1.0 / float m)
+
+                                let dn = sqrt (Array.sumBy (fun a -> a * a) d)
+                                torch.tensor (d |> Array.map (fun a -> a / dn), dtype = z.dtype, device = z.device)
+
+                        let ps = direction * rFace + 1.0 / float m
+
+                        if valuesOf ps |> Array.forall (fun a -> a >= 0.0) then
+                            use zeros = z * 0.0 // zeros that stay in the graph, so a constant result still has a (zero) gradient
+                            zeros.scatter (0L, idx, ps)
+                        else
+                            ps.Dispose()
+                            onFace (m - 1)
+
+                onFace k

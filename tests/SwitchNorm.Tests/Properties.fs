@@ -114,7 +114,7 @@ let instanceSlicesNormalized (Shape4 s) (seed: int) =
 
 open PropertySuite
 
-[<Properties(Arbitrary = [| typeof<Arbs>; typeof<SuiteArbs> |], MaxTest = 60)>]
+[<Properties(Arbitrary = [| typeof<Arbs>; typeof<SuiteArbs>; typeof<SparseArbs> |], MaxTest = 60)>]
 module XunitRunner =
     [<Property>]
     let ``convex weights`` l = convexWeights l
@@ -191,6 +191,12 @@ module XunitRunner =
     [<Property>]
     let ``second derivatives equal the composition's, float32`` c training = doubleBackward f32 c training
 
+    [<Property>]
+    let ``sparsemax and sparsestmax switches`` c = sparseSwitches c
+
+    [<Property>]
+    let ``a sparsemax layer: fused equals composed`` c = sparsemaxLayer c
+
 module ExpectoRunner =
     open Expecto
 
@@ -202,7 +208,7 @@ module ExpectoRunner =
 
     let private config = {
         FsCheckConfig.defaultConfig with
-            arbitrary = [ typeof<Arbs>; typeof<SuiteArbs> ]
+            arbitrary = [ typeof<Arbs>; typeof<SuiteArbs>; typeof<SparseArbs> ]
             maxTest = cases
     }
 
@@ -232,6 +238,8 @@ module ExpectoRunner =
             testPropertyWithConfig config "NaN and Inf inputs, float32" (nonFiniteInput f32)
             testPropertyWithConfig config "second derivatives equal the composition's, float64" (doubleBackward f64)
             testPropertyWithConfig config "second derivatives equal the composition's, float32" (doubleBackward f32)
+            testPropertyWithConfig config "sparsemax and sparsestmax switches" sparseSwitches
+            testPropertyWithConfig config "a sparsemax layer: fused equals composed" sparsemaxLayer
         ]
 
     /// `dotnet test` has no Expecto adapter here, so this fact runs the Expecto tree and requires exit code 0.

@@ -771,3 +771,121 @@ let doubleBackward (dtype: torch.ScalarType) (c: Case) (training: bool) =
                     b.abs().max().item<float> ()
 
             assertClose $"second-order grad {na}" (sumTol dtype total * max 1.0 largest * rMax * rMax) a b
+
+/// K logits (2 to 5) drawn like the suite's (random, extreme, equal, one-hot), and a sparsestmax radius in [0, 1].
+type SparseCase = { Logits: float[]; Radius: float }
+
+type SparseArbs =
+    static member SparseCase() : Arbitrary<SparseCase> =
+        gen {
+            let! k = Gen.choose (2, 5)
+            let! logits = logitsGen k
+
+            let! radius =
+                Gen.frequency [
+                    1, Gen.constant 0.0
+                    1, Gen.constant 1.0
+                    4, Gen.choose (0, 1000) |> Gen.map (fun i -> float i / 1000.0)
+                ]
+
+            return { Logits = logits; Radius = radius }
+        }
+        |> Arb.fromGen
+
+/// sparsemax over plain arrays, from its definition: τ from the largest support m with 1 + m·z(m) > Σ_{j ≤ m} z(j).
+let sparsemaxReference (z: float[]) =
+    let sorted = Array.sortDescending z
+    let mutable cum = 0.0
+    let mutable m = 0
+    let mutable top = 0.0
+
+    for j in 1 .. sorted.Length do
+        cum <- cum + sorted[j - 1]
+
+        if 1.0 + float j * sorted[j - 1] > cum then
+            m <- j
+            top <- cum
+
+    let tau = (top - 1.0) / float m
+    z |> Array.map (fun v -> max (v - tau) 0.0)
+
+/// The sparse switches: sparsemax equals the array reference and lies on the simplex; sparsestmax lies on the
+/// simplex at distance at least ρ·sqrt(1 − 1/K) from its centre, equals sparsemax at ρ = 0, is one-hot at ρ = 1,
+/// never gives NaN (equal logits included), and both have finite gradients.
+let sparseSwitches (c: SparseCase) =
+    let k = c.Logits.Length
+    let z = torch.tensor (c.Logits, dtype = f64)
+
+    let onSimplex what (p: float[]) =
+        if
+            p |> Array.exists (fun v -> Double.IsNaN v || v < 0.0)
+            || abs (Array.sum p - 1.0) > 1e-12 * float k
+        then
+            failwith $"{what}: %A{p} is not on the simplex"
+
+    let sm = values (Mixing.sparsemax z)
+    onSimplex "sparsemax" sm
+    assertClose "sparsemax vs reference" 1e-12 (torch.tensor (sm, dtype = f64)) (torch.tensor (sparsemaxReference c.Logits, dtype = f64))
+    let ss = values ((Mixing.sparsestmax c.Radius) z)
+    onSimplex "sparsestmax" ss
+    let r = c.Radius * sqrt (1.0 - 1.0 / float k)
+    let dist = sqrt (ss |> Array.sumBy (fun p -> (p - 1.0 / float k) ** 2.0))
+
+    if dist < r - 1e-9 then
+        failwith $"sparsestmax at radius {c.Radius}: distance {dist} from the centre is below {r}"
+
+    if c.Radius = 0.0 && ss <> sm then
+        failwith $"sparsestmax at radius 0 %A{ss} differs from sparsemax %A{sm}"
+
+    if c.Radius = 1.0 && Array.max ss < 1.0 - 1e-12 then
+        failwith $"sparsestmax at radius 1 is not one-hot: %A{ss}"
+
+    for (name, switch) in [ "sparsemax", Mixing.sparsemax; "sparsestmax", Mixing.sparsestmax c.Radius ] do
+        let zr = z.detach().requires_grad_ (true)
+        let w = torch.tensor (Array.init k (fun i -> float (i + 1)), dtype = f64)
+        (switch zr * w).sum().backward ()
+
+        if values zr.grad |> Array.exists (fun v -> Double.IsNaN v || Double.IsInfinity v) then
+            failwith $"{name}: non-finite gradient"
+
+/// A SwitchNorm with the sparsemax switch gives the same output and gradients on the fused and composed paths.
+let sparsemaxLayer (c: Case) =
+    let run fused =
+        let spec = {
+            NormSpec.Create(c.UsingBn, 1e-5, Option.toNullable c.Momentum) with
+                Switch = Mixing.sparsemax
+                Fused = fused
+        }
+
+        let x = (input c 1).detach().requires_grad_ (true)
+        let lm = torch.tensor(c.MeanLogits, dtype = f64).requires_grad_ (true)
+
+        let p = {
+            Weight = None
+            Bias = None
+            MeanLogits = lm
+            VarLogits = torch.tensor (c.VarLogits, dtype = f64)
+        }
+
+        let y = (Norm.apply spec p None true x).Output
+        (y * y).sum().backward ()
+        y.detach (), x.grad, lm.grad
+
+    let y1, gx1, gl1 = run true
+    let y2, gx2, gl2 = run false
+    let rMax, mixingError = referenceBounds c (input c 1) None
+    // sparsemax's weights carry rounding of about u·|logit| (τ is a difference of logits), so they sum to 1 only
+    // to that accuracy; the composition's Σ w·mean turns the excess into (Σw − 1)·|x|, scaled by r.
+    let excess =
+        abs (
+            (values (Mixing.sparsemax (torch.tensor (c.MeanLogits, dtype = f64))))
+            |> Array.sum
+            |> fun t -> t - 1.0
+        )
+
+    let mixingError =
+        mixingError + 2.0 * excess * (input c 1).abs().max().item<float> () * rMax
+
+    assertClose "sparsemax layer output" (1e-10 + mixingError) y1 y2
+    assertClose "sparsemax layer x gradient" (1e-9 * rMax * rMax + mixingError * rMax) gx1 gx2
+    assertClose "sparsemax layer logit gradient" (1e-9 * rMax * rMax + mixingError * rMax) gl1 gl2
