@@ -47,6 +47,12 @@ type internal FusedInfo = {
 /// for the output, and a hand-written backward of two passes over the gradient.
 module internal Fused =
 
+    /// The tensor at position i of an autograd function's arguments, or null when that argument is not a tensor.
+    let tensorAt (vars: obj[]) (i: int) : torch.Tensor =
+        match vars[i] with
+        | :? torch.Tensor as t -> t
+        | _ -> null
+
     /// Per-row mean [N, C], the centred tensor x − mean [N, C, S] and the centred sum of squares [N, C]:
     /// two passes (mean, then the norm of the centred rows), no E[x²] − E[x]² cancellation.
     let rowMoments (x3: torch.Tensor) =
@@ -175,11 +181,7 @@ type internal SwitchNormFunction() =
     override _.Name = "SwitchNormBackward"
 
     override _.forward(ctx, vars) =
-        let tensorAt i =
-            match vars[i] with
-            | :? torch.Tensor as t -> t
-            | _ -> null
-
+        let tensorAt = Fused.tensorAt vars
         let x3 = tensorAt 0
         let gamma, beta, wm, wv = tensorAt 1, tensorAt 2, tensorAt 3, tensorAt 4
         let st = vars[5] :?> FusedStats

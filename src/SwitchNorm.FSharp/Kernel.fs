@@ -325,11 +325,7 @@ type internal SwitchNormKernelFunction() =
     override _.Name = "SwitchNormKernelBackward"
 
     override _.forward(ctx, vars) =
-        let tensorAt i =
-            match vars[i] with
-            | :? torch.Tensor as t -> t
-            | _ -> null
-
+        let tensorAt = Fused.tensorAt vars
         let x3 = tensorAt 0
         let gamma, beta, wm, wv = tensorAt 1, tensorAt 2, tensorAt 3, tensorAt 4
         let plan = vars[5] :?> KernelPlan
