@@ -292,6 +292,13 @@ let private refInput (c: Case) (x: torch.Tensor) : Reference.Input = {
     X = values x
 }
 
+/// The module's weight and bias as arrays: 1 and 0 when it is not affine.
+let private affineValues (c: Case) (m: SwitchNormNd) =
+    if c.Affine then
+        values m.weight, values m.bias
+    else
+        Array.create (int c.C) 1.0, Array.zeroCreate (int c.C)
+
 /// Outputs agree with the plain-F# float64 reference (no TorchSharp) in training (batch statistics) and in
 /// eval (BN from the running statistics, which must equal the reference's closed form after one step).
 /// float64 within 1e-10; float32 within its tolerance on the same float32-rounded input.
@@ -299,17 +306,7 @@ let referenceAgreement (dtype: torch.ScalarType) (c: Case) =
     let m = moduleFor c dtype true
     let x = (input c 1).to_type(dtype).to_type f64
 
-    let w =
-        if c.Affine then
-            values m.weight
-        else
-            Array.create (int c.C) 1.0
-
-    let b =
-        if c.Affine then
-            values m.bias
-        else
-            Array.zeroCreate (int c.C)
+    let w, b = affineValues c m
 
     let y = m.forward (x.to_type dtype)
 
@@ -357,17 +354,7 @@ let referenceGradients (c: Case) =
 
     let gv = values g
 
-    let w0 =
-        if c.Affine then
-            values m.weight
-        else
-            Array.create (int c.C) 1.0
-
-    let b0 =
-        if c.Affine then
-            values m.bias
-        else
-            Array.zeroCreate (int c.C)
+    let w0, b0 = affineValues c m
 
     let xr = x.detach().requires_grad_ (true)
     (m.forward xr * g).sum().backward ()
