@@ -28,12 +28,15 @@ namespace SwitchNorm.CSharp
         /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
         /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
         public static SwitchNorm1d SwitchNorm1d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
-            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false,
+            SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SwitchNorm1d), num_features, eps, momentum);
             var m = new global::SwitchNorm.SwitchNorm1d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
+            m.SwitchKind = switch_kind;
             return m;
         }
 
@@ -51,12 +54,15 @@ namespace SwitchNorm.CSharp
         /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
         /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
         public static SwitchNorm2d SwitchNorm2d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
-            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false,
+            SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SwitchNorm2d), num_features, eps, momentum);
             var m = new global::SwitchNorm.SwitchNorm2d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
+            m.SwitchKind = switch_kind;
             return m;
         }
 
@@ -73,12 +79,15 @@ namespace SwitchNorm.CSharp
         /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
         /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
         public static SwitchNorm3d SwitchNorm3d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
-            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+            bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false,
+            SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SwitchNorm3d), num_features, eps, momentum);
             var m = new global::SwitchNorm.SwitchNorm3d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
+            m.SwitchKind = switch_kind;
             return m;
         }
 
@@ -103,10 +112,10 @@ namespace SwitchNorm.CSharp
         /// <summary>Short names of the mixed statistics, in order: "IN", "LN" and (when BN is used) "BN".</summary>
         public IReadOnlyList<string> Components { get; }
 
-        /// <summary>The softmaxed mean weights, one per component; they sum to 1.</summary>
+        /// <summary>The mean weights (the layer's switch applied to its logits), one per component; they sum to 1.</summary>
         public IReadOnlyList<double> Mean { get; }
 
-        /// <summary>The softmaxed variance weights, one per component; they sum to 1.</summary>
+        /// <summary>The variance weights (the layer's switch applied to its logits), one per component; they sum to 1.</summary>
         public IReadOnlyList<double> Var { get; }
 
         /// <inheritdoc />
@@ -138,6 +147,28 @@ namespace SwitchNorm.CSharp
         /// <returns>The number of batches used.</returns>
         public static int RecalibrateBatchAverage(torch.nn.Module<Tensor, Tensor> model, IEnumerable<Tensor> batches) =>
             global::SwitchNorm.Recalibrate.BatchAverage(model, batches);
+
+        /// <summary>Sets the switch of every SwitchNorm in <paramref name="model"/> (frozen layers keep theirs).</summary>
+        /// <returns>The number of layers set.</returns>
+        public static int UseSwitch(torch.nn.Module model, SwitchKind kind) =>
+            global::SwitchNorm.SparseSwitch.Use(kind, model);
+
+        /// <summary>
+        /// The sparsestmax radius schedule: 0 at the start, rising linearly to 1 at <paramref name="ramp_end"/> (a fraction
+        /// of training in (0, 1]), then 1.
+        /// </summary>
+        /// <param name="progress">The fraction of training done, in [0, 1].</param>
+        /// <param name="ramp_end">When the radius reaches 1, as a fraction of training. Default 0.8.</param>
+        public static double SparsestmaxRadius(double progress, double ramp_end = 0.8) =>
+            global::SwitchNorm.SparseSwitch.RadiusAt(ramp_end, progress);
+
+        /// <summary>
+        /// One step of the sparsestmax schedule: sets <paramref name="radius"/> on every SwitchNorm and freezes each
+        /// sparsestmax layer whose mixtures are both one-hot.
+        /// </summary>
+        /// <returns>The number of frozen layers in the model.</returns>
+        public static int StepSparsestmax(torch.nn.Module model, double radius) =>
+            global::SwitchNorm.SparseSwitch.Step(radius, model);
 
         /// <summary>The learned mean and variance mixtures of every SwitchNorm in the model, by module name.</summary>
         public static IReadOnlyList<LayerMixture> Mixtures(torch.nn.Module model) =>

@@ -24,6 +24,19 @@ type Component =
 /// </summary>
 type Switch = torch.Tensor -> torch.Tensor
 
+/// <summary>
+/// The switch a SwitchNorm module uses, as a plain enum (usable from C#): the paper's softmax, sparsemax, or
+/// sparsestmax at the module's radius (Shao et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax",
+/// CVPR 2019).
+/// </summary>
+type SwitchKind =
+    /// softmax(λ): dense weights, the paper's switch (the default).
+    | Softmax = 0
+    /// sparsemax(λ): the Euclidean projection onto the simplex; exact zeros.
+    | Sparsemax = 1
+    /// sparsestmax(λ, ρ): the projection onto the simplex outside a ball of radius ρ; one-hot at ρ = 1.
+    | Sparsestmax = 2
+
 /// Mixing weights and convex combinations of statistics.
 [<RequireQualifiedAccess>]
 module Mixing =
@@ -160,3 +173,25 @@ module Mixing =
                             onFace (m - 1)
 
                 onFace k
+
+    /// <summary>
+    /// The switch of a <see cref="T:SwitchNorm.SwitchKind"/>; <paramref name="radius"/> (in [0, 1]) is used by
+    /// sparsestmax only.
+    /// </summary>
+    [<CompiledName("OfKind")>]
+    let ofKind (kind: SwitchKind) (radius: float) : Switch =
+        match kind with
+        | SwitchKind.Softmax -> softmax
+        | SwitchKind.Sparsemax -> sparsemax
+        | SwitchKind.Sparsestmax -> sparsestmax radius
+        | other -> invalidArg "kind" $"Mixing.ofKind: unknown switch kind {int other}; expected Softmax, Sparsemax or Sparsestmax."
+
+    /// <summary>
+    /// Whether weights are one-hot: one equals 1 and the others 0, up to a few float64 roundings (sparsemax and
+    /// sparsestmax produce exact zeros).
+    /// </summary>
+    [<CompiledName("IsOneHot")>]
+    let isOneHot (weights: float[]) =
+        weights.Length > 0
+        && (weights |> Array.filter (fun w -> abs (w - 1.0) <= 1e-12) |> Array.length) = 1
+        && (weights |> Array.filter (fun w -> abs w <= 1e-12) |> Array.length) = weights.Length - 1

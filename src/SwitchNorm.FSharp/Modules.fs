@@ -74,6 +74,9 @@ type SwitchNormNd
 
     let mutable accumulator: Moments option = None
     let mutable recalibrating = false
+    let mutable switchKind = SwitchKind.Softmax
+    let mutable radius = 0.0
+    let mutable frozen = false
 
     /// The layer's name in messages, e.g. "SwitchNorm2d".
     member _.LayerName = layerName
@@ -104,6 +107,91 @@ type SwitchNormNd
     member _.Fused
         with get () = spec.Fused
         and set (v: bool) = spec <- { spec with Fused = v }
+
+    /// <summary>
+    /// The switch that turns mean_weight and var_weight into mixing weights: <c>Softmax</c> (the paper, the default),
+    /// <c>Sparsemax</c>, or <c>Sparsestmax</c> at <see cref="P:SwitchNorm.SwitchNormNd.Radius"/> (Shao et al., "SSN",
+    /// CVPR 2019). Refused with an InvalidOperationException once the selection is frozen; nothing changes then.
+    /// </summary>
+    member _.SwitchKind
+        with get () = switchKind
+        and set (v: SwitchKind) =
+            if frozen then
+                raise (
+                    InvalidOperationException(
+                        $"{layerName}: the selection is frozen (one-hot), so the switch cannot change to {v}; call Unfreeze() first."
+                    )
+                )
+
+            let sw =
+                try
+                    Mixing.ofKind v radius
+                with :? ArgumentException as e ->
+                    raise (ArgumentException($"{layerName}: {e.Message}", "value"))
+
+            switchKind <- v
+            spec <- { spec with Switch = sw }
+
+    /// <summary>
+    /// The sparsestmax radius ρ in [0, 1] (default 0, where sparsestmax equals sparsemax; at 1 the weights are one-hot).
+    /// Used only when SwitchKind is Sparsestmax; raise it over training with <c>SparseSwitch.step</c>. A value outside
+    /// [0, 1] is refused with an ArgumentOutOfRangeException and the radius is unchanged.
+    /// </summary>
+    member _.Radius
+        with get () = radius
+        and set (v: float) =
+            if not (v >= 0.0 && v <= 1.0) then
+                raise (ArgumentOutOfRangeException("value", v, $"{layerName}: the sparsestmax radius must lie in [0, 1]; got {v}."))
+
+            radius <- v
+
+            if not frozen then
+                spec <- {
+                    spec with
+                        Switch = Mixing.ofKind switchKind v
+                }
+
+    /// Whether the selection is frozen: one statistic for the mean and one for the variance, fixed (see Freeze).
+    member _.IsFrozen = frozen
+
+    /// <summary>
+    /// Freezes the selection once it is one-hot (SSN's final stage): when both the mean and the variance mixtures are
+    /// one-hot, the switch becomes sparsestmax at radius 1 for good (the same one-hot weights whatever the logits'
+    /// later values, since their order is kept), and mean_weight and var_weight stop requiring gradients, so
+    /// optimizers leave them alone. Returns whether the layer is frozen; when a mixture is not one-hot, nothing changes
+    /// and the result is false. The frozen flag is not part of a checkpoint: after loading, set SwitchKind to
+    /// Sparsestmax with Radius 1 (the same weights) and call Freeze again.
+    /// </summary>
+    member this.Freeze() : bool =
+        if
+            not frozen
+            && Mixing.isOneHot this.MeanMixture
+            && Mixing.isOneHot this.VarMixture
+        then
+            frozen <- true
+
+            spec <- {
+                spec with
+                    Switch = Mixing.sparsestmax 1.0
+            }
+
+            this.mean_weight.requires_grad <- false
+            this.var_weight.requires_grad <- false
+
+        frozen
+
+    /// Undoes Freeze: the switch is SwitchKind at Radius again and the logits require gradients.
+    member this.Unfreeze() =
+        if frozen then
+            frozen <- false
+
+            spec <- {
+                spec with
+                    Switch = Mixing.ofKind switchKind radius
+            }
+
+            this.mean_weight.requires_grad <- true
+            this.var_weight.requires_grad <- true
 
     /// Whether the layer has a per-channel weight and bias.
     member _.affine = affine
@@ -159,13 +247,13 @@ type SwitchNormNd
         with get (): torch.Tensor = this.get_buffer "num_batches_tracked"
         and set (v: torch.Tensor) = this.ConditionallyRegisterBuffer("num_batches_tracked", v)
 
-    /// The mean mixture: the switch applied to mean_weight, as doubles in component order.
+    /// The mean mixture: the switch (SwitchKind, or the frozen selection) applied to mean_weight, as doubles in component order.
     member this.MeanMixture: float[] =
         use _ = torch.no_grad ()
         use w = spec.Switch(this.mean_weight.detach().to_type torch.ScalarType.Float64)
         w.data<float>().ToArray()
 
-    /// The variance mixture: the switch applied to var_weight, as doubles in component order.
+    /// The variance mixture: the switch (SwitchKind, or the frozen selection) applied to var_weight, as doubles in component order.
     member this.VarMixture: float[] =
         use _ = torch.no_grad ()
         use w = spec.Switch(this.var_weight.detach().to_type torch.ScalarType.Float64)

@@ -12,9 +12,9 @@ type MixtureInfo = {
     Name: string
     /// Short names of the mixed statistics, in order ("IN", "LN", "BN").
     Components: string[]
-    /// Softmaxed mean weights, one per component.
+    /// Mean weights (the layer's switch applied to its logits), one per component.
     Mean: float[]
-    /// Softmaxed variance weights, one per component.
+    /// Variance weights (the layer's switch applied to its logits), one per component.
     Var: float[]
 }
 
@@ -254,6 +254,58 @@ module Recalibrate =
             model.train wasTraining |> ignore
 
         count
+
+/// <summary>
+/// Sparse switching over a whole model (Shao et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax",
+/// CVPR 2019): pick the switch of every switchable normalizer, raise the sparsestmax radius from 0 to 1 over
+/// training, and freeze each layer's selection once it is one-hot.
+/// </summary>
+[<RequireQualifiedAccess>]
+module SparseSwitch =
+
+    /// <summary>
+    /// The radius schedule: 0 at the start of training, rising linearly to 1 at <paramref name="rampEnd"/> (a fraction of
+    /// training in (0, 1]), then 1. <paramref name="progress"/> is the fraction of training done, in [0, 1].
+    /// </summary>
+    [<CompiledName("RadiusAt")>]
+    let radiusAt (rampEnd: float) (progress: float) : float =
+        if not (rampEnd > 0.0 && rampEnd <= 1.0) then
+            invalidArg "rampEnd" $"SparseSwitch.radiusAt: rampEnd must lie in (0, 1]; got {rampEnd}."
+
+        if not (progress >= 0.0 && progress <= 1.0) then
+            invalidArg "progress" $"SparseSwitch.radiusAt: progress must lie in [0, 1]; got {progress}."
+
+        min 1.0 (progress / rampEnd)
+
+    /// Sets the switch of every switchable normalizer in the model (frozen layers keep theirs); returns how many were set.
+    [<CompiledName("Use")>]
+    let useSwitch (kind: SwitchKind) (model: torch.nn.Module) : int =
+        Mixing.ofKind kind 0.0 |> ignore // refuses an unknown kind before anything changes
+
+        Mixture.modules model
+        |> List.filter (fun (_, s) -> not s.IsFrozen)
+        |> List.map (fun (_, s) -> s.SwitchKind <- kind)
+        |> List.length
+
+    /// <summary>
+    /// One step of the schedule: sets <paramref name="radius"/> on every switchable normalizer, then freezes each
+    /// sparsestmax layer whose mean and variance mixtures are both one-hot. Returns the number of frozen layers in the
+    /// model. A radius outside [0, 1] is refused before anything changes.
+    /// </summary>
+    [<CompiledName("Step")>]
+    let step (radius: float) (model: torch.nn.Module) : int =
+        if not (radius >= 0.0 && radius <= 1.0) then
+            invalidArg "radius" $"SparseSwitch.step: the radius must lie in [0, 1]; got {radius}."
+
+        let layers = Mixture.modules model |> List.map snd
+
+        for s in layers do
+            s.Radius <- radius
+
+            if s.SwitchKind = SwitchKind.Sparsestmax then
+                s.Freeze() |> ignore
+
+        layers |> List.filter (fun s -> s.IsFrozen) |> List.length
 
 /// Loading checkpoints with checks done before anything is written.
 [<RequireQualifiedAccess>]

@@ -128,5 +128,30 @@ namespace SwitchNorm.CSharp.Tests
                 select $"{t.Name}.{m.Name}";
             Assert.Empty(offenders);
         }
+
+        [Fact]
+        public void Sparse_switches_are_a_factory_option_with_a_radius_schedule_and_freezing()
+        {
+            var sn = SwitchNorm2d(4, switch_kind: SwitchKind.Sparsestmax);
+            Assert.Equal(SwitchKind.Sparsestmax, sn.SwitchKind);
+            Assert.Equal(SwitchKind.Softmax, SwitchNorm2d(4).SwitchKind);
+            using (torch.no_grad())
+            {
+                sn.mean_weight.copy_(torch.tensor(new[] { 0.3f, 0.1f, 0.2f }));
+                sn.var_weight.copy_(torch.tensor(new[] { 0.1f, 0.2f, 0.4f }));
+            }
+            var model = TNN.Sequential(("norm", (TNN.Module<Tensor, Tensor>)sn));
+            Assert.Equal(0.0, SwitchNormTools.SparsestmaxRadius(0.0));
+            Assert.Equal(1.0, SwitchNormTools.SparsestmaxRadius(0.8));
+            Assert.Equal(0, SwitchNormTools.StepSparsestmax(model, 0.0));
+            Assert.False(sn.IsFrozen);
+            Assert.Equal(1, SwitchNormTools.StepSparsestmax(model, 1.0));
+            Assert.True(sn.IsFrozen);
+            var mix = SwitchNormTools.Mixtures(model).Single();
+            Assert.Equal(new[] { 1.0, 0.0, 0.0 }, mix.Mean);
+            Assert.Equal(new[] { 0.0, 0.0, 1.0 }, mix.Var);
+            Assert.Throws<ArgumentOutOfRangeException>(() => sn.Radius = 2.0);
+            Assert.Equal(1, SwitchNormTools.UseSwitch(TNN.Sequential(("n", (TNN.Module<Tensor, Tensor>)SwitchNorm2d(2))), SwitchKind.Sparsemax));
+        }
     }
 }
