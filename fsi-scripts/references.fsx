@@ -1,22 +1,22 @@
 // Shared references for the scripts in this folder: the assemblies and native libraries that
-// `dotnet build -c Release samples/SwitchNorm.Demo` puts in its output folder. Build once, then
+// `dotnet build -c Release samples/SwitchNorm.Experiment` puts in its output folder. Build once, then
 // `dotnet fsi fsi-scripts/quickstart.fsx`.
 //
 // The native libraries are loaded by full path before TorchSharp initialises, so TorchSharp's own
 // lookup finds them already loaded (their libLibTorchSharp.so was made loadable on Debian 12 by the
 // build; see build/LibTorchSharpGlibcxxFix.targets), and no system-wide libtorch can be picked up instead.
-#r "../samples/SwitchNorm.Demo/bin/Release/net10.0/TorchSharp.dll"
-#r "../samples/SwitchNorm.Demo/bin/Release/net10.0/SwitchNorm.FSharp.dll"
+#r "../samples/SwitchNorm.Experiment/bin/Release/net10.0/TorchSharp.dll"
+#r "../samples/SwitchNorm.Experiment/bin/Release/net10.0/SwitchNorm.FSharp.dll"
 
 open System.IO
 open System.Runtime.InteropServices
 
 let private nativeDir =
-    Path.Combine(__SOURCE_DIRECTORY__, "../samples/SwitchNorm.Demo/bin/Release/net10.0/runtimes/linux-x64/native")
+    Path.Combine(__SOURCE_DIRECTORY__, "../samples/SwitchNorm.Experiment/bin/Release/net10.0/runtimes/linux-x64/native")
 
 if RuntimeInformation.IsOSPlatform OSPlatform.Linux then
     if not (Directory.Exists nativeDir) then
-        failwithf "Native libraries not found in %s: run `dotnet build -c Release samples/SwitchNorm.Demo` first." nativeDir
+        failwithf "Native libraries not found in %s: run `dotnet build -c Release samples/SwitchNorm.Experiment` first." nativeDir
 
     for lib in [ "libc10.so"; "libtorch_cpu.so"; "libtorch.so"; "libLibTorchSharp.so" ] do
         NativeLibrary.Load(Path.Combine(nativeDir, lib)) |> ignore

@@ -120,13 +120,21 @@ let main argv =
             let composed = new SwitchNorm2d(c)
             composed.Fused <- false
 
+            // TorchSharp 0.107's GroupNorm leaves weight and bias uninitialized (torch.empty): set them as PyTorch does.
+            let groupNorm (groups: int64) (channels: int64) =
+                let g = torch.nn.GroupNorm(groups, channels)
+                use _ = torch.no_grad ()
+                g.weight.fill_ (1.0) |> ignore
+                g.bias.zero_ () |> ignore
+                g
+
             let subjects: (string * Module) list = [
                 "BatchNorm2d", torch.nn.BatchNorm2d(c)
                 "SwitchNorm2d", fused
                 "SwitchNorm2d composed", composed
                 "InstanceNorm2d", torch.nn.InstanceNorm2d(c, affine = true)
                 "LayerNorm", torch.nn.LayerNorm([| c; shape[2]; shape[3] |])
-                "GroupNorm(32)", torch.nn.GroupNorm(32L, c)
+                "GroupNorm(32)", groupNorm 32L c
             ]
 
             let shapeText = "(" + String.Join(",", shape) + ")"

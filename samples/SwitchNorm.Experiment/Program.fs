@@ -1,0 +1,229 @@
+/// The main job: does SwitchNorm keep working when the batch gets small, where BatchNorm collapses? Trains a small
+/// CNN on Fashion-MNIST with BatchNorm, GroupNorm and SwitchNorm at several batch sizes, then prints and writes the
+/// test accuracies, the effect of batch-average recalibration, and the mixture each SwitchNorm layer learned.
+module Program
+
+open System
+open System.IO
+open System.Threading
+open Argu
+open Spectre.Console
+open TorchSharp
+open SwitchNorm
+open Experiment
+
+type Args =
+    | [<AltCommandLine("-d")>] Data_Dir of path: string
+    | [<AltCommandLine("-n")>] Normalizers of names: string list
+    | [<AltCommandLine("-b")>] Batch_Sizes of sizes: int list
+    | [<AltCommandLine("-e")>] Epochs of count: int
+    | [<AltCommandLine("-s")>] Seed of seed: int
+    | [<AltCommandLine("-o")>] Output of dir: string
+    | Max_Steps of steps: int
+    | Recalibration_Images of count: int
+    | Threads of count: int
+    | No_Plots
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Data_Dir _ ->
+                "a directory with the four Fashion-MNIST idx files (.gz or plain), e.g. /usr/share/datasets/fashion-mnist; default: the embedded subset (6,000 train, 2,000 test)"
+            | Normalizers _ -> "normalizers to compare, among bn, gn, sn, ssn (default: bn gn sn)"
+            | Batch_Sizes _ -> "per-step batch sizes (default: 2 8 32)"
+            | Epochs _ -> "epochs per run (default: 4)"
+            | Seed _ -> "random seed for initialisation and batch order (default: 1)"
+            | Output _ -> "folder for results.json, results.csv, mixtures.csv and the PNG plots (default: results)"
+            | Max_Steps _ -> "stop each run after this many steps (for a quick check)"
+            | Recalibration_Images _ ->
+                "training images used for batch-average recalibration, in batches of the run's batch size (default: 3000)"
+            | Threads _ -> "libtorch threads (default: the number of cores)"
+            | No_Plots -> "do not write the PNG plots"
+
+/// A bad option: the message says which and why.
+exception UsageError of string
+
+let private validate (r: ParseResults<Args>) =
+    let positive name v =
+        if v < 1 then
+            raise (UsageError $"{name} must be at least 1; got {v}")
+
+    let norms =
+        r.GetResult(Normalizers, [ "bn"; "gn"; "sn" ])
+        |> List.map (fun s ->
+            match Normalizer.Parse s with
+            | Ok n -> n
+            | Error e -> raise (UsageError e))
+        |> List.distinct
+
+    if norms.IsEmpty then
+        raise (UsageError "--normalizers needs at least one of bn, gn, sn, ssn")
+
+    let sizes = r.GetResult(Batch_Sizes, [ 2; 8; 32 ]) |> List.distinct |> List.sort
+
+    if sizes.IsEmpty then
+        raise (UsageError "--batch-sizes needs at least one size")
+
+    for b in sizes do
+        positive "a batch size" b
+
+        if b < 2 && norms |> List.exists (fun n -> n = BN) then
+            raise (UsageError $"batch size {b} cannot train BatchNorm: it needs more than one value per channel")
+
+    let epochs = r.GetResult(Epochs, 4)
+    positive "--epochs" epochs
+    r.TryGetResult Max_Steps |> Option.iter (positive "--max-steps")
+    let recal = r.GetResult(Recalibration_Images, 3000)
+    positive "--recalibration-images" recal
+    let threads = r.GetResult(Threads, Environment.ProcessorCount)
+    positive "--threads" threads
+    norms, sizes, epochs, recal, threads
+
+[<EntryPoint>]
+let main argv =
+    let parser = ArgumentParser.Create<Args>(programName = "switchnorm-fashion")
+
+    try
+        let r = parser.ParseCommandLine(argv, raiseOnUsage = true)
+        let norms, sizes, epochs, recal, threads = validate r
+        let seed = r.GetResult(Seed, 1)
+        let outDir = Path.GetFullPath(r.GetResult(Output, "results"))
+
+        // libtorch's oneDNN convolutions have an AVX-512 defect on some CPUs: NaN input gradients (Platform.fs).
+        Platform.limitOneDnnToAvx2 () |> ignore
+        torch.set_num_threads threads
+
+        let train, test =
+            match r.TryGetResult Data_Dir with
+            | Some d -> Data.fromDirectory d
+            | None -> Data.embedded ()
+
+        Directory.CreateDirectory outDir |> ignore
+
+        let source =
+            match r.TryGetResult Data_Dir with
+            | Some d -> d
+            | None -> "the embedded subset"
+
+        AnsiConsole.MarkupLine(
+            $"[bold]Fashion-MNIST[/] from {Markup.Escape source}: {train.Count} training and {test.Count} test images; "
+            + $"{threads} libtorch thread(s), seed {seed}, {epochs} epoch(s) per run"
+        )
+
+        use cts = new CancellationTokenSource()
+
+        Console.CancelKeyPress.Add(fun e ->
+            // the first Ctrl-C stops after the current step and keeps what is done; a second one ends at once
+            if not cts.IsCancellationRequested then
+                e.Cancel <- true
+                cts.Cancel())
+
+        let specs = [
+            for b in sizes do
+                for n in norms ->
+                    {
+                        Normalizer = n
+                        BatchSize = b
+                        Epochs = epochs
+                        MaxSteps = r.TryGetResult Max_Steps
+                        Seed = seed
+                        RecalibrationBatches = max 1 (recal / b)
+                    }
+        ]
+
+        let results = Collections.Generic.List<RunResult>()
+
+        AnsiConsole
+            .Progress()
+            .AutoClear(false)
+            .Columns(
+                TaskDescriptionColumn(),
+                ProgressBarColumn(),
+                PercentageColumn(),
+                ElapsedTimeColumn(),
+                RemainingTimeColumn(),
+                SpinnerColumn()
+            )
+            .Start(fun ctx ->
+                let tasks =
+                    specs
+                    |> List.map (fun s ->
+                        let t =
+                            ctx.AddTask(
+                                $"{s.Normalizer.Name, -3} batch {s.BatchSize, -3}",
+                                autoStart = false,
+                                maxValue = float (stepsOf s train)
+                            )
+
+                        s, t)
+
+                for (s, t) in tasks do
+                    if not cts.IsCancellationRequested then
+                        t.StartTask()
+
+                        match Experiment.run s train test (fun step -> t.Value <- float step) cts.Token with
+                        | Some res when res.DivergedAtStep > 0 ->
+                            results.Add res
+                            t.Description <- $"{s.Normalizer.Name, -3} batch {s.BatchSize, -3} diverged at step {res.DivergedAtStep}"
+                            t.StopTask()
+                        | Some res ->
+                            results.Add res
+                            t.Description <- $"{s.Normalizer.Name, -3} batch {s.BatchSize, -3} {100.0 * res.TestAccuracy:F1}%%"
+                            t.StopTask()
+                        | None -> t.StopTask())
+
+        let results = List.ofSeq results
+
+        if cts.IsCancellationRequested then
+            AnsiConsole.MarkupLine($"[yellow]Stopped by Ctrl-C[/]: {results.Length} of {specs.Length} runs finished; writing those.")
+
+        if not results.IsEmpty then
+            AnsiConsole.Write(Report.accuracyTable results)
+            AnsiConsole.Write(Report.recalibrationTable results)
+
+            if results |> List.exists (fun r -> r.Mixtures.Length > 0) then
+                AnsiConsole.Write(Report.mixtureTable results)
+
+            let settings = {|
+                data = source
+                train_images = train.Count
+                test_images = test.Count
+                epochs = epochs
+                max_steps = r.TryGetResult Max_Steps |> Option.toNullable
+                seed = seed
+                threads = threads
+                recalibration_images = recal
+                optimizer = "SGD, momentum 0.9, learning rate 0.1 x batch/32, cosine decay to 0, no weight decay"
+            |}
+
+            Report.writeJson (Path.Combine(outDir, "results.json")) settings results
+            Report.writeCsv outDir results
+            File.WriteAllText(Path.Combine(outDir, "accuracy.md"), Report.markdown results + "\n")
+
+            let plots =
+                if r.Contains No_Plots then
+                    []
+                else
+                    Report.plotAccuracy (Path.Combine(outDir, "accuracy.png")) results
+                    Path.Combine(outDir, "accuracy.png") :: Report.plotMixtures outDir results
+
+            AnsiConsole.MarkupLine(
+                $"Wrote results.json, results.csv, mixtures.csv, accuracy.md and {plots.Length} plot(s) to {Markup.Escape outDir}"
+            )
+
+        if cts.IsCancellationRequested then 130 else 0
+    with
+    | :? ArguParseException as e ->
+        // --help lands here too, with exit code 0
+        if e.ErrorCode = ErrorCode.HelpText then
+            printfn "%s" e.Message
+            0
+        else
+            eprintfn "%s" e.Message
+            2
+    | UsageError m ->
+        eprintfn "error: %s\n\n%s" m (parser.PrintUsage())
+        2
+    | Data.DataError m ->
+        eprintfn "error: %s" m
+        2
