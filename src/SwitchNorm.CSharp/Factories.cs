@@ -91,6 +91,76 @@ namespace SwitchNorm.CSharp
             return m;
         }
 
+        /// <summary>
+        /// Synchronized Switchable Normalization over (N, C, H, W) input, for data-parallel training: a SwitchNorm2d whose
+        /// BN statistics are those of the global batch split across the ranks of <paramref name="communicator"/> (shards
+        /// of any sizes, one may be empty). IN and LN stay per sample; the backward allreduces the gradient terms through
+        /// the BN statistics; the running statistics update identically on every rank. In training, every rank must call
+        /// forward and then backward.
+        /// </summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="communicator">The ranks: <c>new InProcessGroup(size).Rank(r)</c> for threads of one process, or
+        /// <c>MpiCommunicator.World()</c> under mpirun.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">Running-average factor of the BN statistics. Default 0.1; null means a cumulative average.</param>
+        /// <param name="affine">Whether to learn a per-channel weight and bias. Default true.</param>
+        /// <param name="track_running_stats">Whether BN keeps running statistics for eval. Default true.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0. Default false.</param>
+        public static global::SwitchNorm.SyncSwitchNorm2d SyncSwitchNorm2d(long num_features, global::SwitchNorm.ICommunicator communicator,
+            double eps = 1e-5, double? momentum = 0.1, bool affine = true, bool track_running_stats = true, Device? device = null,
+            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+        {
+            Check(nameof(SyncSwitchNorm2d), num_features, eps, momentum);
+            var m = new global::SwitchNorm.SyncSwitchNorm2d(num_features, communicator, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            m.momentum = momentum;
+            return m;
+        }
+
+        /// <summary>Synchronized Switchable Normalization over (N, C) or (N, C, L) input; see <see cref="SyncSwitchNorm2d"/>.</summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="communicator">The ranks sharing the BN statistics.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">Running-average factor of the BN statistics. Default 0.1; null means a cumulative average.</param>
+        /// <param name="affine">Whether to learn a per-channel weight and bias. Default true.</param>
+        /// <param name="track_running_stats">Whether BN keeps running statistics for eval. Default true.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0. Default false.</param>
+        public static global::SwitchNorm.SyncSwitchNorm1d SyncSwitchNorm1d(long num_features, global::SwitchNorm.ICommunicator communicator,
+            double eps = 1e-5, double? momentum = 0.1, bool affine = true, bool track_running_stats = true, Device? device = null,
+            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+        {
+            Check(nameof(SyncSwitchNorm1d), num_features, eps, momentum);
+            var m = new global::SwitchNorm.SyncSwitchNorm1d(num_features, communicator, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            m.momentum = momentum;
+            return m;
+        }
+
+        /// <summary>Synchronized Switchable Normalization over (N, C, D, H, W) input; see <see cref="SyncSwitchNorm2d"/>.</summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="communicator">The ranks sharing the BN statistics.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">Running-average factor of the BN statistics. Default 0.1; null means a cumulative average.</param>
+        /// <param name="affine">Whether to learn a per-channel weight and bias. Default true.</param>
+        /// <param name="track_running_stats">Whether BN keeps running statistics for eval. Default true.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0. Default false.</param>
+        public static global::SwitchNorm.SyncSwitchNorm3d SyncSwitchNorm3d(long num_features, global::SwitchNorm.ICommunicator communicator,
+            double eps = 1e-5, double? momentum = 0.1, bool affine = true, bool track_running_stats = true, Device? device = null,
+            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+        {
+            Check(nameof(SyncSwitchNorm3d), num_features, eps, momentum);
+            var m = new global::SwitchNorm.SyncSwitchNorm3d(num_features, communicator, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            m.momentum = momentum;
+            return m;
+        }
+
         private static void Check(string layer, long num_features, double eps, double? momentum) =>
             global::SwitchNorm.Checks.constructorArgs(layer, num_features, eps, momentum);
     }

@@ -77,6 +77,7 @@ type SwitchNormNd
     let mutable switchKind = SwitchKind.Softmax
     let mutable radius = 0.0
     let mutable frozen = false
+    let mutable communicator: ICommunicator option = None
 
     /// The layer's name in messages, e.g. "SwitchNorm2d".
     member _.LayerName = layerName
@@ -261,6 +262,11 @@ type SwitchNormNd
 
     member internal _.Spec = spec
 
+    /// The communicator whose ranks share the BN statistics (synchronized layers only).
+    member internal _.Communicator
+        with get () = communicator
+        and set (v: ICommunicator option) = communicator <- v
+
     member internal this.Params: NormParams = {
         Weight =
             if affine then
@@ -325,10 +331,31 @@ type SwitchNormNd
 
     /// <summary>Normalizes x; in training mode also updates the BN running statistics.</summary>
     override this.forward(x: torch.Tensor) : torch.Tensor =
-        this.CheckRank x
-        this.CheckState x
-        let running = if recalibrating then None else this.Running
-        let result = Functional.forward layerName spec this.Params running this.training x
+        let runningNow () =
+            if recalibrating then None else this.Running
+
+        let running, result =
+            match communicator with
+            | None ->
+                this.CheckRank x
+                this.CheckState x
+                let running = runningNow ()
+                running, Functional.forward layerName spec this.Params running this.training x
+            | Some comm ->
+                // a local error must reach the other ranks through the collective, or they would wait for ever
+                let running, localError =
+                    try
+                        this.CheckRank x
+                        this.CheckState x
+                        runningNow (), None
+                    with e ->
+                        None, Some e
+
+                // decided from the configuration alone, so every rank decides alike even when its input was refused
+                let collective =
+                    spec.UsesBatch && (this.training || recalibrating || not trackRunningStats)
+
+                running, Sync.forward layerName comm collective localError spec this.Params running this.training x
 
         if recalibrating then
             match result.BatchMoments with
@@ -445,3 +472,119 @@ type SwitchNorm3d
             device,
             dtype
         )
+
+/// <summary>
+/// Synchronized Switchable Normalization over (N, C) or (N, C, L) inputs: SwitchNorm1d whose BN statistics are those
+/// of the global batch split across the ranks of <paramref name="communicator"/> (see SyncSwitchNorm2d).
+/// </summary>
+type SyncSwitchNorm1d
+    (
+        num_features: int64,
+        communicator: ICommunicator,
+        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
+        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(true)>] affine: bool,
+        [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
+        [<Optional>] device: torch.Device,
+        [<Optional>] dtype: Nullable<torch.ScalarType>,
+        [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+    ) as this =
+    inherit
+        SwitchNormNd(
+            "SyncSwitchNorm1d",
+            [ 2; 3 ],
+            "a 2-D (N, C) or 3-D (N, C, L) input",
+            NormSpec.Create(using_bn, eps, Nullable momentum),
+            num_features,
+            affine,
+            track_running_stats,
+            last_gamma,
+            device,
+            dtype
+        )
+
+    do
+        if isNull (box communicator) then
+            raise (ArgumentNullException("communicator", "SyncSwitchNorm1d needs a communicator (InProcessGroup or MpiCommunicator)."))
+
+        this.Communicator <- Some communicator
+
+/// <summary>
+/// Synchronized Switchable Normalization over (N, C, H, W) inputs, for data-parallel training: a SwitchNorm2d whose BN
+/// component uses the statistics of the global batch, split across the ranks of <paramref name="communicator"/> in
+/// shards of any sizes (one may be empty). Per channel, the counts, sums and centred sums of squares are allreduced,
+/// so the statistics are exactly the full batch's; IN and LN stay per sample. The backward allreduces the gradient
+/// terms through the BN mean and variance, and the running statistics update identically on every rank. In training
+/// every rank must call forward, and then backward on a loss that depends on the output; in eval with running
+/// statistics nothing is exchanged. Ranks that disagree on C or dtype get an ArgumentException on every rank.
+/// </summary>
+type SyncSwitchNorm2d
+    (
+        num_features: int64,
+        communicator: ICommunicator,
+        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
+        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(true)>] affine: bool,
+        [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
+        [<Optional>] device: torch.Device,
+        [<Optional>] dtype: Nullable<torch.ScalarType>,
+        [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+    ) as this =
+    inherit
+        SwitchNormNd(
+            "SyncSwitchNorm2d",
+            [ 4 ],
+            "a 4-D input (N, C, H, W)",
+            NormSpec.Create(using_bn, eps, Nullable momentum),
+            num_features,
+            affine,
+            track_running_stats,
+            last_gamma,
+            device,
+            dtype
+        )
+
+    do
+        if isNull (box communicator) then
+            raise (ArgumentNullException("communicator", "SyncSwitchNorm2d needs a communicator (InProcessGroup or MpiCommunicator)."))
+
+        this.Communicator <- Some communicator
+
+/// <summary>
+/// Synchronized Switchable Normalization over (N, C, D, H, W) inputs: SwitchNorm3d whose BN statistics are those of
+/// the global batch split across the ranks of <paramref name="communicator"/> (see SyncSwitchNorm2d).
+/// </summary>
+type SyncSwitchNorm3d
+    (
+        num_features: int64,
+        communicator: ICommunicator,
+        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
+        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(true)>] affine: bool,
+        [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
+        [<Optional>] device: torch.Device,
+        [<Optional>] dtype: Nullable<torch.ScalarType>,
+        [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+    ) as this =
+    inherit
+        SwitchNormNd(
+            "SyncSwitchNorm3d",
+            [ 5 ],
+            "a 5-D input (N, C, D, H, W)",
+            NormSpec.Create(using_bn, eps, Nullable momentum),
+            num_features,
+            affine,
+            track_running_stats,
+            last_gamma,
+            device,
+            dtype
+        )
+
+    do
+        if isNull (box communicator) then
+            raise (ArgumentNullException("communicator", "SyncSwitchNorm3d needs a communicator (InProcessGroup or MpiCommunicator)."))
+
+        this.Communicator <- Some communicator

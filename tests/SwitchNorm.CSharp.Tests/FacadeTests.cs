@@ -153,5 +153,24 @@ namespace SwitchNorm.CSharp.Tests
             Assert.Throws<ArgumentOutOfRangeException>(() => sn.Radius = 2.0);
             Assert.Equal(1, SwitchNormTools.UseSwitch(TNN.Sequential(("n", (TNN.Module<Tensor, Tensor>)SwitchNorm2d(2))), SwitchKind.Sparsemax));
         }
+
+        [Fact]
+        public void SyncSwitchNorm2d_over_two_in_process_ranks_equals_SwitchNorm2d_on_the_whole_batch()
+        {
+            var x = torch.randn(new long[] { 5, 3, 4, 4 }, dtype: ScalarType.Float64);
+            var reference = SwitchNorm2d(3, dtype: ScalarType.Float64);
+            var expected = reference.forward(x);
+            var shards = new[] { (0L, 2L), (2L, 3L) };
+            var outputs = global::SwitchNorm.InProcessGroup.Run(2, comm =>
+            {
+                var m = SyncSwitchNorm2d(3, comm, dtype: ScalarType.Float64);
+                var (start, length) = shards[comm.Rank];
+                return (m.forward(x.narrow(0, start, length)), m.running_var.clone());
+            });
+            var y = torch.cat(outputs.Select(o => o.Item1).ToArray(), 0);
+            Assert.True(torch.allclose(y, expected, rtol: 0, atol: 1e-12));
+            foreach (var o in outputs)
+                Assert.True(torch.allclose(o.Item2, reference.running_var, rtol: 0, atol: 1e-12));
+        }
     }
 }

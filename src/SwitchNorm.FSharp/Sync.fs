@@ -1,0 +1,274 @@
+namespace SwitchNorm
+
+open System
+open System.Collections.Generic
+open TorchSharp
+
+/// <summary>
+/// A group of processes (ranks) that can sum small float64 arrays across all its members: what a synchronized
+/// normalizer needs from a transport. <c>AllreduceSum</c> is collective: every rank calls it, in the same order, with
+/// arrays of the same length, and each gets the elementwise sum over all ranks, identical on every rank.
+/// Implementations: <see cref="T:SwitchNorm.InProcessGroup"/> (threads of one process, for tests) and
+/// <see cref="T:SwitchNorm.MpiCommunicator"/> (OpenMPI processes started by mpirun).
+/// </summary>
+type ICommunicator =
+    /// This process's rank, 0 .. Size − 1.
+    abstract Rank: int
+    /// The number of ranks.
+    abstract Size: int
+    /// Replaces values, on every rank, by their elementwise sum over all ranks (collective).
+    abstract AllreduceSum: values: float[] -> unit
+
+/// Sums a float64 vector across ranks, differentiably: the gradient of a sum over ranks is the sum over ranks of the
+/// gradients, so the backward is an allreduce too (every rank's loss depends on the shared result).
+type internal AllreduceFunction() =
+    inherit torch.autograd.SingleTensorFunction<AllreduceFunction>()
+
+    static member Values(t: torch.Tensor) =
+        use d = t.detach().to_type(torch.ScalarType.Float64).cpu().contiguous ()
+        d.data<float>().ToArray()
+
+    override _.Name = "AllreduceSumBackward"
+
+    override _.forward(ctx, vars) =
+        let x = vars[0] :?> torch.Tensor
+        let comm = vars[1] :?> ICommunicator
+        let v = AllreduceFunction.Values x
+        comm.AllreduceSum v
+        ctx.save_data ("comm", box comm)
+        torch.tensor(v, dtype = torch.ScalarType.Float64).``to`` (x.device)
+
+    override _.backward(ctx, grad) =
+        GradHandOver.Release()
+        let comm = ctx.get_data "comm" :?> ICommunicator
+        let v = AllreduceFunction.Values grad
+        comm.AllreduceSum v
+        let g = torch.tensor(v, dtype = torch.ScalarType.Float64).``to`` (grad.device)
+        GradHandOver.Keep [ g ]
+        grad.Dispose()
+        List<torch.Tensor>([ g; null ])
+
+/// <summary>
+/// Switchable Normalization whose BN statistics are those of the global batch, split across the ranks of a
+/// communicator. IN and LN stay per sample, so local. From the per-(n, c) means and centred sums of squares of one
+/// two-pass reduction, the ranks sum their per-channel sums (one allreduce of C values), then their sums of squares
+/// about the global mean, Σ_rows [M2_row + S · (rowMean − mean)²] (a second allreduce): exactly the full batch's
+/// mean and biased variance whatever the shard sizes, with no E[x²] − E[x]². Both allreduces are differentiable, so
+/// the backward allreduces the gradient terms that flow through the BN mean and variance. The running statistics
+/// are updated from the global statistics, identically on every rank.
+/// </summary>
+[<RequireQualifiedAccess>]
+module Sync =
+
+    let private dtypeCode (t: torch.ScalarType) = float (int t)
+
+    /// <summary>
+    /// Normalizes this rank's shard x (N_r, C, *spatial). Collective when <paramref name="collective"/> (BN from the
+    /// batch: training, or no running statistics), which the caller decides from its configuration alone:
+    /// every rank must call it, and later call backward on a loss that depends on the output. A local error (a bad
+    /// input on one rank) is passed in as <paramref name="localError"/> so every rank learns of it through the first
+    /// allreduce and raises, instead of leaving the others waiting. Ranks that disagree on the channel count or the
+    /// dtype, or a global batch with at most one value per channel, raise an ArgumentException on every rank.
+    /// A rank with an empty shard (N_r = 0) contributes nothing to the BN statistics and gets an empty output.
+    /// </summary>
+    let forward
+        (layer: string)
+        (comm: ICommunicator)
+        (collective: bool)
+        (localError: exn option)
+        (spec: NormSpec)
+        (p: NormParams)
+        (running: RunningStats option)
+        (training: bool)
+        (x: torch.Tensor)
+        : NormResult =
+        if not collective then
+            // nothing is shared: eval with running statistics, or no BN component
+            match localError with
+            | Some e -> raise e
+            | None -> Functional.forward layer spec p running training x
+        else
+            let size, rank = comm.Size, comm.Rank
+
+            let channelsOf (t: torch.Tensor) =
+                if t.dim () >= 2L then t.size 1 else -1L
+
+            let valueCount (t: torch.Tensor) =
+                if t.dim () >= 2L then
+                    t.numel () / max 1L (t.size 1)
+                else
+                    0L
+
+            // per rank: ok, channels, dtype, values per channel
+            let header = Array.zeroCreate (4 * size)
+            header[4 * rank] <- (if localError.IsNone then 1.0 else 0.0)
+            header[4 * rank + 1] <- float (channelsOf x)
+            header[4 * rank + 2] <- dtypeCode x.dtype
+            header[4 * rank + 3] <- float (valueCount x)
+            comm.AllreduceSum header
+
+            let field i =
+                Array.init size (fun r -> header[4 * r + i])
+
+            let perRank (vals: float[]) (show: float -> string) =
+                vals |> Array.mapi (fun r v -> $"rank {r}: {show v}") |> String.concat ", "
+
+            match localError with
+            | Some e -> raise e
+            | None -> ()
+
+            let failed =
+                field 0
+                |> Array.indexed
+                |> Array.filter (fun (_, ok) -> ok = 0.0)
+                |> Array.map fst
+
+            if failed.Length > 0 then
+                let which = failed |> Array.map string |> String.concat ", "
+                raise (InvalidOperationException($"{layer}: rank(s) {which} refused their input; see the error on that rank."))
+
+            let cs = field 1
+
+            if cs |> Array.exists (fun c -> c <> cs[0]) then
+                raise (
+                    ArgumentException(
+                        $"{layer}: ranks disagree on the number of channels ({perRank cs (fun c -> string (int64 c))}).",
+                        "input"
+                    )
+                )
+
+            let dts = field 2
+
+            if dts |> Array.exists (fun d -> d <> dts[0]) then
+                raise (
+                    ArgumentException(
+                        $"{layer}: ranks disagree on the dtype ({perRank dts (fun d -> string (LanguagePrimitives.EnumOfValue<sbyte, torch.ScalarType>(sbyte d)))}).",
+                        "input"
+                    )
+                )
+
+            let counts = field 3
+            let total = Array.sum counts
+
+            if total <= 1.0 then
+                raise (
+                    ArgumentException(
+                        $"{layer}: expected more than 1 value per channel across all ranks when using batch statistics; got {total} ({perRank counts (fun c -> string (int64 c))}).",
+                        "input"
+                    )
+                )
+
+            Checks.floatingInput layer x
+            let numFeatures = x.size 1
+            let n = x.size 0
+            let spatial = x.shape |> Array.skip 2 |> Array.fold (*) 1L
+
+            use scope = torch.NewDisposeScope()
+            let origDtype = x.dtype
+
+            let cd =
+                if Checks.isHalf origDtype then
+                    torch.ScalarType.Float32
+                else
+                    origDtype
+
+            let x3 = x.reshape (n, numFeatures, spatial)
+            let x3 = if x3.dtype = cd then x3 else x3.to_type cd
+            let f64 = torch.ScalarType.Float64
+
+            let allreduce (t: torch.Tensor) =
+                torch.autograd.SingleTensorFunction<AllreduceFunction>.apply (box t, box comm)
+
+            // Per-row moments from one two-pass reduction (IN's own statistics); everything after them is (N, C)-sized.
+            let inst = Moments.ofRows x3
+            let rowMean = inst.Mean.to_type f64
+            let s = float spatial
+
+            // the global mean: allreduce of the per-channel sums
+            let sum = allreduce ((rowMean * s).sum ([| 0L |]))
+            let mean64 = sum / total
+            let meanG = (mean64.to_type cd).view (1L, -1L)
+
+            // the global centred sum of squares about it, by the law of total variance over the rows:
+            // Σ (x − mean)² = Σ_rows [M2_row + S · (rowMean − mean)²]
+            let between = (rowMean - mean64.view (1L, -1L)).square () * s
+            let m2 = allreduce ((inst.M2.to_type f64 + between).sum ([| 0L |]))
+            let varG = ((m2 / total).to_type cd).view (1L, -1L)
+
+            let stats =
+                spec.Components
+                |> List.map (fun comp ->
+                    match comp with
+                    | Instance -> inst.Mean, Moments.variance inst
+                    | Layer ->
+                        let l = Moments.reduce 1L inst
+                        l.Mean, Moments.variance l
+                    | Batch -> meanG, varG)
+
+            let k = List.length spec.Components
+
+            let weights (logits: torch.Tensor) =
+                let w = spec.Switch(logits.to_type cd)
+
+                if not (Mixing.isSoftmax spec.Switch) then
+                    let v = AllreduceFunction.Values w
+
+                    if
+                        v.Length <> k
+                        || v |> Array.exists (fun a -> not (a >= 0.0))
+                        || abs (Array.sum v - 1.0) > 1e-5
+                    then
+                        invalidArg "spec" $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v}."
+
+                w
+
+            let mean = Mixing.mix (weights p.MeanLogits) (stats |> List.map fst)
+            let var = Mixing.mix (weights p.VarLogits) (stats |> List.map snd)
+            let invStd = ((var + spec.Eps).rsqrt ()).expand (n, numFeatures)
+
+            let scale =
+                match p.Weight with
+                | Some w -> invStd * (w.to_type cd).view (1L, -1L)
+                | None -> invStd
+
+            let shift =
+                match p.Bias with
+                | Some b -> (b.to_type cd).view (1L, -1L) - mean.expand (n, numFeatures) * scale
+                | None -> -(mean.expand (n, numFeatures) * scale)
+
+            let y3 = torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
+            let y = (if origDtype = cd then y3 else y3.to_type origDtype).reshape (x.shape)
+
+            let updated =
+                match running with
+                | Some r when training ->
+                    use _ = torch.no_grad ()
+                    let tracked = r.BatchesTracked + 1L
+
+                    let f =
+                        match spec.Momentum with
+                        | Some m -> m
+                        | None -> 1.0 / float tracked
+
+                    let blend (old: torch.Tensor) (b: torch.Tensor) =
+                        let o = old.detach().to_type f64
+                        ((o * (1.0 - f) + b.detach () * f).to_type (old.dtype)).MoveToOuterDisposeScope()
+
+                    Some {
+                        Mean = blend r.Mean mean64
+                        Var = blend r.Var (m2 / (total - 1.0))
+                        BatchesTracked = tracked
+                    }
+                | _ -> None
+
+            let moments = {
+                Count = total
+                Mean = (mean64.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
+                M2 = (m2.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
+            }
+
+            {
+                Output = y.MoveToOuterDisposeScope()
+                Running = updated |> Option.orElse running
+                BatchMoments = Some moments
+            }
