@@ -60,6 +60,9 @@ type internal KernelPlan = {
     Stats: RowStats
     Components: RowComponent[]
     Eps: float
+    /// For a synchronized layer: the ranks whose rows share the per-channel (BN) statistic, so the gradients
+    /// reaching it are summed over them in the backward.
+    Reducer: ICommunicator option
 }
 
 /// What the kernel normalizer's backward keeps besides x: O(N·C) values.
@@ -203,6 +206,7 @@ module internal KernelNorm =
             Stats = st
             Components = kinds |> List.map comp |> Array.ofList
             Eps = eps
+            Reducer = None
         }
 
     /// Mixed mean and 1/sqrt(var + eps) per row.
@@ -263,15 +267,26 @@ module internal KernelNorm =
             let dwv =
                 Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dVar, plan.Components[j].Var, null))
 
+            // Gradients reaching each per-sample and per-channel statistic.
+            let muSample, muChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
+            let varSample, varChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
+            RowKernels.SumGroups(st.N, st.C, dMu, muSample, muChannel)
+            RowKernels.SumGroups(st.N, st.C, dVar, varSample, varChannel)
+
+            match plan.Reducer with
+            | Some comm ->
+                // a synchronized BN statistic depends on every rank's rows: its gradient is the sum over the ranks
+                // (collective, so done whether or not this rank's input needs a gradient)
+                let both = Array.append muChannel varChannel
+                comm.AllreduceSum both
+                Array.blit both 0 muChannel 0 st.C
+                Array.blit both st.C varChannel 0 st.C
+            | None -> ()
+
             let dx =
                 if not sv.InputNeedsGrad then
                     null
                 else
-                    // Gradients reaching each per-sample and per-channel statistic.
-                    let muSample, muChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
-                    let varSample, varChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
-                    RowKernels.SumGroups(st.N, st.C, dMu, muSample, muChannel)
-                    RowKernels.SumGroups(st.N, st.C, dVar, varSample, varChannel)
                     // dx = gr·g + q·(x − centre) + c0 per row.
                     Array.Clear(q, 0, rows)
                     Array.Clear(c0, 0, rows)
@@ -371,7 +386,9 @@ type internal SwitchNormKernelFunction() =
         let x3 = saved[0]
         let st = sv.Plan.Stats
 
-        if torch.is_grad_enabled () then
+        if torch.is_grad_enabled () && sv.Plan.Reducer.IsSome then
+            raise (NotSupportedException("SyncSwitchNorm: second derivatives (create_graph) are not supported."))
+        elif torch.is_grad_enabled () then
             // create_graph: differentiate the composition, with a graph, so higher derivatives are exact.
             let gamma, beta, wm, wv = saved[1], saved[2], saved[3], saved[4]
             let kinds = sv.Plan.Components |> Array.map (fun c -> c.Kind)

@@ -4,21 +4,6 @@ open System
 open System.Collections.Generic
 open TorchSharp
 
-/// <summary>
-/// A group of processes (ranks) that can sum small float64 arrays across all its members: what a synchronized
-/// normalizer needs from a transport. <c>AllreduceSum</c> is collective: every rank calls it, in the same order, with
-/// arrays of the same length, and each gets the elementwise sum over all ranks, identical on every rank.
-/// Implementations: <see cref="T:SwitchNorm.InProcessGroup"/> (threads of one process, for tests) and
-/// <see cref="T:SwitchNorm.MpiCommunicator"/> (OpenMPI processes started by mpirun).
-/// </summary>
-type ICommunicator =
-    /// This process's rank, 0 .. Size − 1.
-    abstract Rank: int
-    /// The number of ranks.
-    abstract Size: int
-    /// Replaces values, on every rank, by their elementwise sum over all ranks (collective).
-    abstract AllreduceSum: values: float[] -> unit
-
 /// Sums a float64 vector across ranks, differentiably: the gradient of a sum over ranks is the sum over ranks of the
 /// gradients, so the backward is an allreduce too (every rank's loss depends on the shared result).
 type internal AllreduceFunction() =
@@ -63,6 +48,145 @@ module Sync =
     let private dtypeCode (t: torch.ScalarType) = float (int t)
 
     /// <summary>
+    /// The float32 CPU path: the row kernels for the per-(n, c) moments and the output, the global BN statistics from
+    /// two allreduces of C values, and the kernel backward, which allreduces the C-sized gradients reaching them.
+    /// </summary>
+    let private fused
+        (layer: string)
+        (comm: ICommunicator)
+        (spec: NormSpec)
+        (p: NormParams)
+        (running: RunningStats option)
+        (training: bool)
+        (x3: torch.Tensor)
+        (total: float)
+        =
+        let x3c = x3.contiguous ()
+        let st = KernelNorm.rowStats x3c
+        let countL, meanL, varL = KernelNorm.batchStats st
+        let c = st.C
+        // the global mean from the per-channel sums, then the global M2 by the parallel-variance formula
+        let sums = Array.init c (fun i -> countL * meanL[i])
+        comm.AllreduceSum sums
+        let meanG = sums |> Array.map (fun v -> v / total)
+
+        let m2 =
+            Array.init c (fun i ->
+                let d = meanL[i] - meanG[i]
+                countL * varL[i] + countL * d * d)
+
+        comm.AllreduceSum m2
+        let varG = m2 |> Array.map (fun v -> v / total)
+
+        let kinds =
+            spec.Components
+            |> List.map (fun comp ->
+                match comp with
+                | Instance -> PerRow
+                | Layer -> PerSample
+                | Batch -> PerChannel)
+
+        let local = KernelNorm.plan st kinds None spec.Eps
+
+        let plan = {
+            local with
+                Components =
+                    local.Components
+                    |> Array.map (fun comp ->
+                        if comp.Kind = PerChannel then
+                            {
+                                comp with
+                                    Count = total
+                                    Mean = meanG
+                                    Var = varG
+                            }
+                        else
+                            comp)
+                Reducer = Some comm
+        }
+
+        let k = List.length spec.Components
+        let softmaxInside = Mixing.isSoftmax spec.Switch
+
+        let switched (logits: torch.Tensor) =
+            let w = spec.Switch(logits.to_type torch.ScalarType.Float64)
+            let v = KernelNorm.read w
+
+            if
+                v.Length <> k
+                || v |> Array.exists (fun a -> not (a >= 0.0))
+                || abs (Array.sum v - 1.0) > 1e-5
+            then
+                invalidArg "spec" $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v}."
+
+            w
+
+        let wMean, wVar =
+            if softmaxInside then
+                p.MeanLogits, p.VarLogits
+            else
+                switched p.MeanLogits, switched p.VarLogits
+
+        let gamma = p.Weight |> Option.toObj
+        let beta = p.Bias |> Option.toObj
+
+        let needsGraph =
+            torch.is_grad_enabled ()
+            && [ x3c; gamma; beta; wMean; wVar ]
+               |> List.exists (fun t -> not (isNull t) && t.requires_grad)
+
+        let y3 =
+            if needsGraph then
+                torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
+                    .apply (box x3c, box gamma, box beta, box wMean, box wVar, box plan, box softmaxInside)
+            else
+                let read (t: torch.Tensor) =
+                    if isNull t then None else Some(KernelNorm.read t)
+
+                let weights (t: torch.Tensor) =
+                    if softmaxInside then
+                        KernelNorm.softmax (KernelNorm.read t)
+                    else
+                        KernelNorm.read t
+
+                let y, _, _ =
+                    KernelNorm.output x3c plan (read gamma) (read beta) (weights wMean) (weights wVar)
+
+                y
+
+        let updated =
+            match running with
+            | Some r when training ->
+                let tracked = r.BatchesTracked + 1L
+
+                let f =
+                    match spec.Momentum with
+                    | Some m -> m
+                    | None -> 1.0 / float tracked
+
+                let blend (old: torch.Tensor) (b: float[]) =
+                    let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b
+                    torch.tensor(v, dtype = torch.ScalarType.Float64).to_type(old.dtype).``to``(old.device).MoveToOuterDisposeScope()
+
+                Some {
+                    Mean = blend r.Mean meanG
+                    Var = blend r.Var (m2 |> Array.map (fun v -> v / (total - 1.0)))
+                    BatchesTracked = tracked
+                }
+            | _ -> None
+
+        let asRow (a: float[]) =
+            torch.tensor(Array.map float32 a).view(1L, -1L).MoveToOuterDisposeScope()
+
+        y3,
+        updated,
+        {
+            Count = total
+            Mean = asRow meanG
+            M2 = asRow m2
+        }
+
+    /// <summary>
     /// Normalizes this rank's shard x (N_r, C, *spatial). Collective when <paramref name="collective"/> (BN from the
     /// batch: training, or no running statistics), which the caller decides from its configuration alone:
     /// every rank must call it, and later call backward on a loss that depends on the output. A local error (a bad
@@ -99,16 +223,27 @@ module Sync =
                 else
                     0L
 
-            // per rank: ok, channels, dtype, values per channel
-            let header = Array.zeroCreate (4 * size)
-            header[4 * rank] <- (if localError.IsNone then 1.0 else 0.0)
-            header[4 * rank + 1] <- float (channelsOf x)
-            header[4 * rank + 2] <- dtypeCode x.dtype
-            header[4 * rank + 3] <- float (valueCount x)
+            // per rank: ok, channels, dtype, values per channel, whether the row kernels can take its shard (all
+            // ranks must take the same path: the two exchange different gradient terms in the backward)
+            let kernelOk =
+                spec.Fused
+                && x.dim () >= 2L
+                && x.dtype = torch.ScalarType.Float32
+                && x.device_type = DeviceType.CPU
+                && x.numel () > 0L
+                && x.numel () <= int64 Int32.MaxValue / 4L
+
+            let fields = 5
+            let header = Array.zeroCreate (fields * size)
+            header[fields * rank] <- (if localError.IsNone then 1.0 else 0.0)
+            header[fields * rank + 1] <- float (channelsOf x)
+            header[fields * rank + 2] <- dtypeCode x.dtype
+            header[fields * rank + 3] <- float (valueCount x)
+            header[fields * rank + 4] <- (if kernelOk then 1.0 else 0.0)
             comm.AllreduceSum header
 
             let field i =
-                Array.init size (fun r -> header[4 * r + i])
+                Array.init size (fun r -> header[fields * r + i])
 
             let perRank (vals: float[]) (show: float -> string) =
                 vals |> Array.mapi (fun r v -> $"rank {r}: {show v}") |> String.concat ", "
@@ -176,99 +311,109 @@ module Sync =
             let x3 = if x3.dtype = cd then x3 else x3.to_type cd
             let f64 = torch.ScalarType.Float64
 
-            let allreduce (t: torch.Tensor) =
-                torch.autograd.SingleTensorFunction<AllreduceFunction>.apply (box t, box comm)
+            if field 4 |> Array.forall (fun ok -> ok = 1.0) then
+                let y3, updated, moments = fused layer comm spec p running training x3 total
 
-            // Per-row moments from one two-pass reduction (IN's own statistics); everything after them is (N, C)-sized.
-            let inst = Moments.ofRows x3
-            let rowMean = inst.Mean.to_type f64
-            let s = float spatial
+                {
+                    Output = y3.reshape(x.shape).MoveToOuterDisposeScope()
+                    Running = updated |> Option.orElse running
+                    BatchMoments = Some moments
+                }
+            else
 
-            // the global mean: allreduce of the per-channel sums
-            let sum = allreduce ((rowMean * s).sum ([| 0L |]))
-            let mean64 = sum / total
-            let meanG = (mean64.to_type cd).view (1L, -1L)
+                let allreduce (t: torch.Tensor) =
+                    torch.autograd.SingleTensorFunction<AllreduceFunction>.apply (box t, box comm)
 
-            // the global centred sum of squares about it, by the law of total variance over the rows:
-            // Σ (x − mean)² = Σ_rows [M2_row + S · (rowMean − mean)²]
-            let between = (rowMean - mean64.view (1L, -1L)).square () * s
-            let m2 = allreduce ((inst.M2.to_type f64 + between).sum ([| 0L |]))
-            let varG = ((m2 / total).to_type cd).view (1L, -1L)
+                // Per-row moments from one two-pass reduction (IN's own statistics); everything after them is (N, C)-sized.
+                let inst = Moments.ofRows x3
+                let rowMean = inst.Mean.to_type f64
+                let s = float spatial
 
-            let stats =
-                spec.Components
-                |> List.map (fun comp ->
-                    match comp with
-                    | Instance -> inst.Mean, Moments.variance inst
-                    | Layer ->
-                        let l = Moments.reduce 1L inst
-                        l.Mean, Moments.variance l
-                    | Batch -> meanG, varG)
+                // the global mean: allreduce of the per-channel sums
+                let sum = allreduce ((rowMean * s).sum ([| 0L |]))
+                let mean64 = sum / total
+                let meanG = (mean64.to_type cd).view (1L, -1L)
 
-            let k = List.length spec.Components
+                // the global centred sum of squares about it, by the law of total variance over the rows:
+                // Σ (x − mean)² = Σ_rows [M2_row + S · (rowMean − mean)²]
+                let between = (rowMean - mean64.view (1L, -1L)).square () * s
+                let m2 = allreduce ((inst.M2.to_type f64 + between).sum ([| 0L |]))
+                let varG = ((m2 / total).to_type cd).view (1L, -1L)
 
-            let weights (logits: torch.Tensor) =
-                let w = spec.Switch(logits.to_type cd)
+                let stats =
+                    spec.Components
+                    |> List.map (fun comp ->
+                        match comp with
+                        | Instance -> inst.Mean, Moments.variance inst
+                        | Layer ->
+                            let l = Moments.reduce 1L inst
+                            l.Mean, Moments.variance l
+                        | Batch -> meanG, varG)
 
-                if not (Mixing.isSoftmax spec.Switch) then
-                    let v = AllreduceFunction.Values w
+                let k = List.length spec.Components
 
-                    if
-                        v.Length <> k
-                        || v |> Array.exists (fun a -> not (a >= 0.0))
-                        || abs (Array.sum v - 1.0) > 1e-5
-                    then
-                        invalidArg "spec" $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v}."
+                let weights (logits: torch.Tensor) =
+                    let w = spec.Switch(logits.to_type cd)
 
-                w
+                    if not (Mixing.isSoftmax spec.Switch) then
+                        let v = AllreduceFunction.Values w
 
-            let mean = Mixing.mix (weights p.MeanLogits) (stats |> List.map fst)
-            let var = Mixing.mix (weights p.VarLogits) (stats |> List.map snd)
-            let invStd = ((var + spec.Eps).rsqrt ()).expand (n, numFeatures)
+                        if
+                            v.Length <> k
+                            || v |> Array.exists (fun a -> not (a >= 0.0))
+                            || abs (Array.sum v - 1.0) > 1e-5
+                        then
+                            invalidArg "spec" $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v}."
 
-            let scale =
-                match p.Weight with
-                | Some w -> invStd * (w.to_type cd).view (1L, -1L)
-                | None -> invStd
+                    w
 
-            let shift =
-                match p.Bias with
-                | Some b -> (b.to_type cd).view (1L, -1L) - mean.expand (n, numFeatures) * scale
-                | None -> -(mean.expand (n, numFeatures) * scale)
+                let mean = Mixing.mix (weights p.MeanLogits) (stats |> List.map fst)
+                let var = Mixing.mix (weights p.VarLogits) (stats |> List.map snd)
+                let invStd = ((var + spec.Eps).rsqrt ()).expand (n, numFeatures)
 
-            let y3 = torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
-            let y = (if origDtype = cd then y3 else y3.to_type origDtype).reshape (x.shape)
+                let scale =
+                    match p.Weight with
+                    | Some w -> invStd * (w.to_type cd).view (1L, -1L)
+                    | None -> invStd
 
-            let updated =
-                match running with
-                | Some r when training ->
-                    use _ = torch.no_grad ()
-                    let tracked = r.BatchesTracked + 1L
+                let shift =
+                    match p.Bias with
+                    | Some b -> (b.to_type cd).view (1L, -1L) - mean.expand (n, numFeatures) * scale
+                    | None -> -(mean.expand (n, numFeatures) * scale)
 
-                    let f =
-                        match spec.Momentum with
-                        | Some m -> m
-                        | None -> 1.0 / float tracked
+                let y3 = torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
+                let y = (if origDtype = cd then y3 else y3.to_type origDtype).reshape (x.shape)
 
-                    let blend (old: torch.Tensor) (b: torch.Tensor) =
-                        let o = old.detach().to_type f64
-                        ((o * (1.0 - f) + b.detach () * f).to_type (old.dtype)).MoveToOuterDisposeScope()
+                let updated =
+                    match running with
+                    | Some r when training ->
+                        use _ = torch.no_grad ()
+                        let tracked = r.BatchesTracked + 1L
 
-                    Some {
-                        Mean = blend r.Mean mean64
-                        Var = blend r.Var (m2 / (total - 1.0))
-                        BatchesTracked = tracked
-                    }
-                | _ -> None
+                        let f =
+                            match spec.Momentum with
+                            | Some m -> m
+                            | None -> 1.0 / float tracked
 
-            let moments = {
-                Count = total
-                Mean = (mean64.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
-                M2 = (m2.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
-            }
+                        let blend (old: torch.Tensor) (b: torch.Tensor) =
+                            let o = old.detach().to_type f64
+                            ((o * (1.0 - f) + b.detach () * f).to_type (old.dtype)).MoveToOuterDisposeScope()
 
-            {
-                Output = y.MoveToOuterDisposeScope()
-                Running = updated |> Option.orElse running
-                BatchMoments = Some moments
-            }
+                        Some {
+                            Mean = blend r.Mean mean64
+                            Var = blend r.Var (m2 / (total - 1.0))
+                            BatchesTracked = tracked
+                        }
+                    | _ -> None
+
+                let moments = {
+                    Count = total
+                    Mean = (mean64.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
+                    M2 = (m2.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
+                }
+
+                {
+                    Output = y.MoveToOuterDisposeScope()
+                    Running = updated |> Option.orElse running
+                    BatchMoments = Some moments
+                }

@@ -60,13 +60,14 @@ type SyncArbs =
 
 let private setUp (m: SwitchNormNd) (c: SyncCase) =
     use _ = torch.no_grad ()
-    m.mean_weight.copy_ (torch.tensor (c.MeanLogits, dtype = f64)) |> ignore
-    m.var_weight.copy_ (torch.tensor (c.VarLogits, dtype = f64)) |> ignore
+    let dt = m.mean_weight.dtype
+    m.mean_weight.copy_ (torch.tensor (c.MeanLogits, dtype = dt)) |> ignore
+    m.var_weight.copy_ (torch.tensor (c.VarLogits, dtype = dt)) |> ignore
     m.momentum <- Option.toNullable c.Momentum
 
     if c.Affine then
-        m.weight.copy_ (randnSeeded (int64 c.Seed + 1L) [| c.Shape[1] |] f64) |> ignore
-        m.bias.copy_ (randnSeeded (int64 c.Seed + 2L) [| c.Shape[1] |] f64) |> ignore
+        m.weight.copy_ (randnSeeded (int64 c.Seed + 1L) [| c.Shape[1] |] dt) |> ignore
+        m.bias.copy_ (randnSeeded (int64 c.Seed + 2L) [| c.Shape[1] |] dt) |> ignore
 
 let private grads (m: SwitchNormNd) =
     [ m.weight; m.bias; m.mean_weight; m.var_weight ]
@@ -79,13 +80,14 @@ let private grads (m: SwitchNormNd) =
 
 /// Two training steps of the synchronized layer on the shards equal those of SwitchNorm2d on the whole batch:
 /// outputs, input gradients, parameter gradients summed over ranks, and the running statistics on every rank.
-let syncEqualsUnsplit (c: SyncCase) =
-    let x = randnSeeded (int64 c.Seed) c.Shape f64 * 2.0 + 0.5
-    let g = randnSeeded (int64 c.Seed + 3L) c.Shape f64
+/// float64 runs the tensor-operation path, float32 the row kernels (with the fused path of SwitchNorm2d as reference).
+let syncEqualsUnsplit (dt: torch.ScalarType) (c: SyncCase) =
+    let x = randnSeeded (int64 c.Seed) c.Shape dt * 2.0 + 0.5
+    let g = randnSeeded (int64 c.Seed + 3L) c.Shape dt
     let starts = Array.scan (+) 0 c.Shards
 
     // the reference: one rank, the whole batch, the plain module
-    let reference = new SwitchNorm2d(c.Shape[1], dtype = f64, affine = c.Affine)
+    let reference = new SwitchNorm2d(c.Shape[1], dtype = dt, affine = c.Affine)
     setUp reference c
     let refSteps = ResizeArray()
 
@@ -100,7 +102,7 @@ let syncEqualsUnsplit (c: SyncCase) =
         InProcessGroup.Run(
             c.Shards.Length,
             fun comm ->
-                let m = new SyncSwitchNorm2d(c.Shape[1], comm, dtype = f64, affine = c.Affine)
+                let m = new SyncSwitchNorm2d(c.Shape[1], comm, dtype = dt, affine = c.Affine)
                 setUp m c
 
                 let steps = [
@@ -119,7 +121,7 @@ let syncEqualsUnsplit (c: SyncCase) =
                 steps, m.running_mean.clone (), m.running_var.clone (), m.num_batches_tracked.item<int64> ()
         )
 
-    let tol = tol f64
+    let tol = tol dt
 
     for step in 0..1 do
         let yRef, dxRef, gRef = refSteps[step]
@@ -152,7 +154,11 @@ let syncEqualsUnsplit (c: SyncCase) =
             failwith $"num_batches_tracked {tracked}"
 
 [<Property(Arbitrary = [| typeof<SyncArbs> |], MaxTest = 60)>]
-let ``synchronized statistics over any split equal the unsplit batch`` (c: SyncCase) = syncEqualsUnsplit c
+let ``synchronized statistics over any split equal the unsplit batch (float64)`` (c: SyncCase) = syncEqualsUnsplit f64 c
+
+[<Property(Arbitrary = [| typeof<SyncArbs> |], MaxTest = 60)>]
+let ``synchronized statistics over any split equal the unsplit batch (float32, row kernels)`` (c: SyncCase) =
+    syncEqualsUnsplit torch.ScalarType.Float32 c
 
 let private expectEveryRank<'E when 'E :> exn> (size: int) (body: ICommunicator -> unit) (expected: int -> string) =
     let e =
