@@ -5,6 +5,7 @@
 ///                   the gradients are summed by allreduce; prints (and writes) the loss per step. --plain: one
 ///                   process, plain SwitchNorm2d, no MPI
 ///   compare a b     the losses of two train runs agree step by step within float64 rounding
+///   mismatch        ranks with different channel counts: every rank gets the same error, and none hangs
 ///   bench           time per layer call (forward + backward), synchronized against unsynchronized
 module Program
 
@@ -130,6 +131,28 @@ let check (comm: ICommunicator) (dt: torch.ScalarType) =
             tolerance
 
     Array.max v <= tolerance && all[0] <= tolerance
+
+/// Ranks that disagree on the channel count: every rank must get the same clear error, and nobody may hang.
+let mismatch (comm: ICommunicator) =
+    let c = 3L + int64 comm.Rank
+    let m = new SyncSwitchNorm2d(c, comm)
+
+    let outcome =
+        try
+            m.forward (torch.randn (2L, c, 3L, 3L)) |> ignore
+            "no error"
+        with :? ArgumentException as e ->
+            e.Message
+
+    let expected = "ranks disagree on the number of channels (rank 0: 3, rank 1: 4"
+    let ok = outcome.Contains expected
+    let v = Array.init comm.Size (fun i -> if i = comm.Rank && ok then 1.0 else 0.0)
+    comm.AllreduceSum v
+
+    if comm.Rank = 0 then
+        printfn "mismatch: %d of %d ranks refused the call with: %s" (int (Array.sum v)) comm.Size outcome
+
+    Array.sum v = float comm.Size
 
 type Net(channels: int64, norm: int64 -> torch.nn.Module<torch.Tensor, torch.Tensor>) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("Net")
@@ -320,6 +343,7 @@ let main argv =
             try
                 match mode with
                 | "check" -> check comm f64 && check comm torch.ScalarType.Float32
+                | "mismatch" -> mismatch comm
                 | "train" -> train comm false out
                 | "bench" -> bench comm
                 | other ->
