@@ -22,14 +22,22 @@ module internal Kernel =
         NativePtr.ofVoidPtr (Unsafe.AsPointer(&MemoryMarshal.GetReference bytes))
 
     /// <summary>
-    /// Runs body 0 rows on the calling thread. The row passes do not fan out to other threads: libtorch's
-    /// OpenMP workers spin-wait after each parallel operator, and on a machine with few cores any thread of ours
-    /// competes with them. Measured here (2 cores): a 0.7 ms x.clone() at 2 threads took 68 ms right after a
-    /// Parallel.For over the rows (the pool's workers spin too); helper threads that block between jobs ran
-    /// the passes twice as fast in isolation, but when the layer's calls alternate with other libtorch
-    /// operators, as in a network, they gained nothing (eval of (32,64,56,56): 2.9 ms with helpers, 2.6 ms without).
+    /// Runs body over rows [0, rows): on the calling thread for small inputs or one libtorch thread, otherwise split
+    /// across libtorch's own OpenMP team (<c>OmpRows</c>). Threads of our own would compete with that team, whose
+    /// workers spin-wait after each libtorch operator: measured here (2 cores), a 0.7 ms x.clone() at 2 threads took
+    /// 68 ms right after a Parallel.For over the rows, and blocking helper threads gained nothing in a network.
     /// </summary>
-    let forRows (rows: int) (_rowLen: int) (body: int -> int -> unit) = body 0 rows
+    let forRows (rows: int) (rowLen: int) (body: int -> int -> unit) =
+        let threads =
+            if OmpRows.Available && int64 rows * int64 rowLen >= 65536L then
+                min rows (torch.get_num_threads ())
+            else
+                1
+
+        if threads <= 1 then
+            body 0 rows
+        else
+            OmpRows.For(rows, threads, OmpRows.RowRange(fun lo hi -> body lo hi))
 
 /// Per-(n, c) statistics of a float32 input from the row kernels, in float64.
 type internal RowStats = {

@@ -229,3 +229,37 @@ let ``a custom switch must return convex weights, on every path`` () =
 
     for fused in [ true; false ] do
         throws<ArgumentException> (fun () -> box (forward notConvex fused)) [ "convex weights"; "sum" ]
+
+[<Fact>]
+let ``row passes split across libtorch's OpenMP threads give bitwise the single-thread results`` () =
+    // 4·16·40·40 = 102,400 values: above the size at which the row passes use libtorch's thread team
+    let x = randnSeeded 31L [| 4L; 16L; 40L; 40L |] torch.ScalarType.Float32 * 3.0 + 2.0
+    let g = randnSeeded 32L [| 4L; 16L; 40L; 40L |] torch.ScalarType.Float32
+    let before = torch.get_num_threads ()
+
+    let run threads =
+        torch.set_num_threads threads
+        let m = new SwitchNorm2d(16L)
+        let xs = x.detach().requires_grad_ true
+        let y = m.forward xs
+        (y * g).sum().backward ()
+        m.eval () |> ignore
+        let ye = m.forward x
+        y.detach (), xs.grad.clone (), m.mean_weight.grad.clone (), m.weight.grad.clone (), ye
+
+    try
+        let one = run 1
+        let two = run 2
+        let (y1, dx1, dl1, dw1, ye1), (y2, dx2, dl2, dw2, ye2) = one, two
+
+        for (what, a, b) in
+            [
+                "output", y1, y2
+                "input gradient", dx1, dx2
+                "logit gradient", dl1, dl2
+                "weight gradient", dw1, dw2
+                "eval output", ye1, ye2
+            ] do
+            Assert.True(exactEq a b, $"{what} differs between 1 and 2 threads by {maxAbsDiff a b}")
+    finally
+        torch.set_num_threads before
