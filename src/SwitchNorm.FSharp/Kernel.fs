@@ -222,17 +222,26 @@ module internal KernelNorm =
         let st = plan.Stats
         let rows = st.N * st.C
         let mu = Array.zeroCreate rows
-        let var = Array.zeroCreate rows
-
+        let r = Array.zeroCreate rows
+        let comps = plan.Components
         // μ = rowMean + Σ w·(mean − rowMean): the same as Σ w·mean for weights summing to 1, but the weights'
         // rounding only scales the (small) differences, never a large common offset.
-        for k in 0 .. plan.Components.Length - 1 do
-            let comp = plan.Components[k]
-            RowKernels.Accumulate(st.N, st.C, code comp.Kind, comp.Mean, wm[k], st.Mean, mu)
-            RowKernels.Accumulate(st.N, st.C, code comp.Kind, comp.Var, wv[k], null, var)
+        RowKernels.MixAll(
+            st.N,
+            st.C,
+            comps.Length,
+            comps |> Array.map (fun comp -> code comp.Kind),
+            comps |> Array.map (fun comp -> comp.Mean),
+            comps |> Array.map (fun comp -> comp.Var),
+            wm,
+            wv,
+            st.Mean,
+            plan.Eps,
+            mu,
+            r
+        )
 
-        RowKernels.FinishMixture(rows, st.Mean, plan.Eps, mu, var)
-        mu, var
+        mu, r
 
     /// The normalized output (N, C, S) of a contiguous float32 x3, with the mixed mean and 1/std per row.
     let output (x3: torch.Tensor) (plan: KernelPlan) (gamma: float[] option) (beta: float[] option) (wm: float[]) (wv: float[]) =

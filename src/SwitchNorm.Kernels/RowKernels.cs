@@ -253,9 +253,15 @@ internal static unsafe class RowKernels
         return count;
     }
 
-    /// <summary>acc[i] += w · (value of the statistic at row i − (centre?[i] ?? 0)) for every row.</summary>
+    /// <summary>
+    /// The mixture of every row in one pass: mu[i] = Σⱼ wmⱼ·(meanⱼ − rowMean[i]) + rowMean[i] and
+    /// r[i] = 1/sqrt(Σⱼ wvⱼ·varⱼ + eps), over the k statistics, each stored per group of its kind (0 per row,
+    /// 1 per sample, 2 per channel). The same sums, in the same order, as k Accumulate passes and FinishMixture.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void Accumulate(int n, int c, int kind, double[] values, double w, double[]? centre, double[] acc)
+    internal static void MixAll(
+        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] wm, double[] wv, double[] rowMean,
+        double eps, double[] mu, double[] r)
     {
         for (int a = 0; a < n; a++)
         {
@@ -264,8 +270,18 @@ internal static unsafe class RowKernels
             for (int b = 0; b < c; b++)
             {
                 int i = row0 + b;
-                double v = kind == 0 ? values[i] : kind == 1 ? values[a] : values[b];
-                acc[i] += w * (centre is null ? v : v - centre[i]);
+                double rm = rowMean[i], m = 0, v = 0;
+
+                for (int j = 0; j < k; j++)
+                {
+                    int kind = kinds[j];
+                    int g = kind == 0 ? i : kind == 1 ? a : b;
+                    m += wm[j] * (means[j][g] - rm);
+                    v += wv[j] * vars[j][g];
+                }
+
+                mu[i] = m + rm;
+                r[i] = 1.0 / Math.Sqrt(v + eps);
             }
         }
     }
@@ -354,31 +370,6 @@ internal static unsafe class RowKernels
                 q[i] += dvq;
                 c0[i] += fm * dm[g] + dvq * (centre[i] - mean[g]);
             }
-    }
-
-    /// <summary>
-    /// Finishes the mixture per row: mu[i] += rowMean[i] (the mixture was accumulated about the row mean) and
-    /// var[i] = 1/sqrt(var[i] + eps). Vectorized over rows.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void FinishMixture(int rows, double[] rowMean, double eps, double[] mu, double[] var)
-    {
-        int w = Vector<double>.Count, i = 0;
-        var ve = new Vector<double>(eps);
-
-        for (; i + w <= rows; i += w)
-        {
-            var m = new Vector<double>(mu, i) + new Vector<double>(rowMean, i);
-            m.CopyTo(mu, i);
-            var r = Vector<double>.One / Vector.SquareRoot(new Vector<double>(var, i) + ve);
-            r.CopyTo(var, i);
-        }
-
-        for (; i < rows; i++)
-        {
-            mu[i] += rowMean[i];
-            var[i] = 1.0 / Math.Sqrt(var[i] + eps);
-        }
     }
 
     /// <summary>dst[i] = src[i] · factor for i &lt; n.</summary>
