@@ -272,23 +272,44 @@ module internal KernelNorm =
         try
             Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradSums(pg, px, st.S, st.Centre, sumG, sumGx, lo, hi))
 
+            let k = plan.Components.Length
+            let comps = plan.Components
+            let kinds = comps |> Array.map (fun comp -> code comp.Kind)
+            let means = comps |> Array.map (fun comp -> comp.Mean)
             let dGamma = Array.zeroCreate st.C
             let dBeta = Array.zeroCreate st.C
-            RowKernels.GradRows(st.N, st.C, sumG, sumGx, st.Centre, sv.Mu, sv.R, defaultArg sv.Gamma null, gr, dMu, dVar, dGamma, dBeta)
-
-            let k = plan.Components.Length
-
-            let dwm =
-                Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dMu, plan.Components[j].Mean, st.Mean))
-
-            let dwv =
-                Array.init k (fun j -> RowKernels.Project(st.N, st.C, code plan.Components[j].Kind, dVar, plan.Components[j].Var, null))
-
+            let dwm = Array.zeroCreate k
+            let dwv = Array.zeroCreate k
             // Gradients reaching each per-sample and per-channel statistic.
             let muSample, muChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
             let varSample, varChannel = Array.zeroCreate st.N, Array.zeroCreate st.C
-            RowKernels.SumGroups(st.N, st.C, dMu, muSample, muChannel)
-            RowKernels.SumGroups(st.N, st.C, dVar, varSample, varChannel)
+
+            RowKernels.GradMix(
+                st.N,
+                st.C,
+                k,
+                kinds,
+                means,
+                comps |> Array.map (fun comp -> comp.Var),
+                st.Mean,
+                sumG,
+                sumGx,
+                st.Centre,
+                sv.Mu,
+                sv.R,
+                defaultArg sv.Gamma null,
+                gr,
+                dMu,
+                dVar,
+                dGamma,
+                dBeta,
+                dwm,
+                dwv,
+                muSample,
+                muChannel,
+                varSample,
+                varChannel
+            )
 
             match plan.Reducer with
             | Some comm ->
@@ -304,37 +325,27 @@ module internal KernelNorm =
                 if not sv.InputNeedsGrad then
                     null
                 else
-                    // dx = gr·g + q·(x − centre) + c0 per row.
-                    Array.Clear(q, 0, rows)
-                    Array.Clear(c0, 0, rows)
-
-                    for j in 0 .. k - 1 do
-                        let comp = plan.Components[j]
-
-                        let reaching =
-                            match comp.Kind with
-                            | PerRow -> Some(dMu, dVar)
-                            | PerSample -> Some(muSample, varSample)
-                            | PerChannel -> Some(muChannel, varChannel)
-                            | Constant -> None
-
-                        match reaching with
-                        | Some(dm, dv) ->
-                            RowKernels.GradInputCoefficients(
-                                st.N,
-                                st.C,
-                                code comp.Kind,
-                                comp.Count,
-                                sv.WMean[j],
-                                sv.WVar[j],
-                                dm,
-                                dv,
-                                comp.Mean,
-                                st.Centre,
-                                q,
-                                c0
-                            )
-                        | None -> ()
+                    // dx = gr·g + q·(x − centre) + c0 per row; running statistics (Constant) pass nothing on.
+                    RowKernels.InputCoefficients(
+                        st.N,
+                        st.C,
+                        k,
+                        kinds,
+                        comps |> Array.map (fun comp -> comp.Kind <> Constant),
+                        comps |> Array.map (fun comp -> comp.Count),
+                        sv.WMean,
+                        sv.WVar,
+                        means,
+                        dMu,
+                        dVar,
+                        muSample,
+                        muChannel,
+                        varSample,
+                        varChannel,
+                        st.Centre,
+                        q,
+                        c0
+                    )
 
                     let dx = torch.empty_like x3
                     let pd = Kernel.pointer dx

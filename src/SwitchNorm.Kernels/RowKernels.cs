@@ -286,38 +286,27 @@ internal static unsafe class RowKernels
         }
     }
 
-    /// <summary>Σᵢ d[i] · (value of the statistic at row i − (centre?[i] ?? 0)).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static double Project(int n, int c, int kind, double[] d, double[] values, double[]? centre)
-    {
-        double acc = 0;
-
-        for (int a = 0; a < n; a++)
-        {
-            int row0 = a * c;
-
-            for (int b = 0; b < c; b++)
-            {
-                int i = row0 + b;
-                double v = kind == 0 ? values[i] : kind == 1 ? values[a] : values[b];
-                acc += d[i] * (centre is null ? v : v - centre[i]);
-            }
-        }
-
-        return acc;
-    }
-
     /// <summary>
-    /// The backward's per-row coefficients from Σ g and Σ g·(x − centre): gr = r·γ, ∂L/∂μ, ∂L/∂σ², and the
-    /// per-channel gradients of γ and β (accumulated into dGamma, dBeta).
+    /// The backward's O(N·C) work in one pass over the rows: GradRows (gr, ∂L/∂μ, ∂L/∂σ², dGamma, dBeta), the
+    /// gradients of the k mixing weights (dwm[j] = Σ ∂L/∂μ·(meanⱼ − rowMean), dwv[j] = Σ ∂L/∂σ²·varⱼ) and the
+    /// per-sample and per-channel sums of ∂L/∂μ and ∂L/∂σ². The same sums, in the same order, as a pass computing
+    /// them per row followed by 2k projections and two per-group sums.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void GradRows(
-        int n, int c, double[] sumG, double[] sumGx, float[] centre, double[] mu, double[] r, double[]? gamma,
-        double[] gr, double[] dMu, double[] dVar, double[] dGamma, double[] dBeta)
+    internal static void GradMix(
+        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] rowMean,
+        double[] sumG, double[] sumGx, float[] centre, double[] mu, double[] r, double[]? gamma,
+        double[] gr, double[] dMu, double[] dVar, double[] dGamma, double[] dBeta, double[] dwm, double[] dwv,
+        double[] muSample, double[] muChannel, double[] varSample, double[] varChannel)
     {
         Array.Clear(dGamma, 0, c);
         Array.Clear(dBeta, 0, c);
+        Array.Clear(dwm, 0, k);
+        Array.Clear(dwv, 0, k);
+        Array.Clear(muSample, 0, n);
+        Array.Clear(muChannel, 0, c);
+        Array.Clear(varSample, 0, n);
+        Array.Clear(varChannel, 0, c);
 
         for (int a = 0; a < n; a++)
             for (int b = 0; b < c; b++)
@@ -325,50 +314,71 @@ internal static unsafe class RowKernels
                 int i = a * c + b;
                 double gm = gamma is null ? 1.0 : gamma[b];
                 double sumGxMu = sumGx[i] + (centre[i] - mu[i]) * sumG[i];
-                gr[i] = r[i] * gm;
+                double gri = r[i] * gm;
+                gr[i] = gri;
                 dBeta[b] += sumG[i];
                 dGamma[b] += r[i] * sumGxMu;
-                dMu[i] = -gr[i] * sumG[i];
-                dVar[i] = -0.5 * gr[i] * r[i] * r[i] * sumGxMu;
-            }
-    }
+                double dm = -gri * sumG[i];
+                double dv = -0.5 * gri * r[i] * r[i] * sumGxMu;
+                dMu[i] = dm;
+                dVar[i] = dv;
 
-    /// <summary>Sums a per-row array per sample and per channel.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void SumGroups(int n, int c, double[] d, double[] perSample, double[] perChannel)
-    {
-        Array.Clear(perSample, 0, n);
-        Array.Clear(perChannel, 0, c);
+                for (int j = 0; j < k; j++)
+                {
+                    int kind = kinds[j];
+                    int g = kind == 0 ? i : kind == 1 ? a : b;
+                    dwm[j] += dm * (means[j][g] - rowMean[i]);
+                    dwv[j] += dv * vars[j][g];
+                }
 
-        for (int a = 0; a < n; a++)
-            for (int b = 0; b < c; b++)
-            {
-                double v = d[a * c + b];
-                perSample[a] += v;
-                perChannel[b] += v;
+                muSample[a] += dm;
+                muChannel[b] += dm;
+                varSample[a] += dv;
+                varChannel[b] += dv;
             }
     }
 
     /// <summary>
-    /// Adds one statistic's share of dx = gr·g + q·(x − centre) + c0: a mean passes its gradient dm on as
-    /// dm/count per value, a biased variance its gradient dv as 2·dv·(x − its mean)/count. dm and dv are the
-    /// gradients reaching the statistic (stored per group of its kind), already multiplied by its weights.
+    /// The per-row coefficients of dx = gr·g + q·(x − centre) + c0 in one pass: each live statistic j passes its
+    /// gradient on as a mean (wmⱼ·dm/countⱼ per value) and a biased variance (2·wvⱼ·dv·(x − meanⱼ)/countⱼ), where dm
+    /// and dv are the gradients reaching it (per row, per sample or per channel). The same sums, in the same order, as
+    /// one pass per statistic.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void GradInputCoefficients(
-        int n, int c, int kind, double count, double wMean, double wVar, double[] dm, double[] dv, double[] mean,
+    internal static void InputCoefficients(
+        int n, int c, int k, int[] kinds, bool[] live, double[] counts, double[] wm, double[] wv, double[][] means,
+        double[] dMu, double[] dVar, double[] muSample, double[] muChannel, double[] varSample, double[] varChannel,
         float[] centre, double[] q, double[] c0)
     {
-        double fv = 2.0 * wVar / count, fm = wMean / count;
+        Span<double> fv = stackalloc double[k], fm = stackalloc double[k];
+
+        for (int j = 0; j < k; j++)
+        {
+            fv[j] = 2.0 * wv[j] / counts[j];
+            fm[j] = wm[j] / counts[j];
+        }
 
         for (int a = 0; a < n; a++)
             for (int b = 0; b < c; b++)
             {
                 int i = a * c + b;
-                int g = kind == 0 ? i : kind == 1 ? a : b;
-                double dvq = fv * dv[g];
-                q[i] += dvq;
-                c0[i] += fm * dm[g] + dvq * (centre[i] - mean[g]);
+                double qi = 0, ci = 0;
+
+                for (int j = 0; j < k; j++)
+                {
+                    if (!live[j])
+                        continue;
+                    int kind = kinds[j];
+                    int g = kind == 0 ? i : kind == 1 ? a : b;
+                    double dm = kind == 0 ? dMu[i] : kind == 1 ? muSample[a] : muChannel[b];
+                    double dv = kind == 0 ? dVar[i] : kind == 1 ? varSample[a] : varChannel[b];
+                    double dvq = fv[j] * dv;
+                    qi += dvq;
+                    ci += fm[j] * dm + dvq * (centre[i] - means[j][g]);
+                }
+
+                q[i] = qi;
+                c0[i] = ci;
             }
     }
 

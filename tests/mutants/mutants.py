@@ -14,12 +14,16 @@ MUTANTS = {
         (F + "Moments.fs", "let variance (m: Moments) = m.M2 / m.Count", "let variance (m: Moments) = m.M2 / (m.Count - 1.0)"),
         (F + "Kernel.fs", "RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)", "RowKernels.Scale(v.Length, st.M2, 1.0 / float (st.S - 1), v)"),
         (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
+        (F + "Sync.fs", "let varG = m2 |> Array.map (fun v -> v / total)", "let varG = m2 |> Array.map (fun v -> v / (total - 1.0))"),
+        (F + "Sync.fs", "let varG = ((m2 / total).to_type cd)", "let varG = ((m2 / (total - 1.0)).to_type cd)"),
     ],
     # running = f·running + (1 − f)·batch instead of (1 − f)·running + f·batch.
     "momentum-reversed": [
         (F + "Functional.fs", "let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) old b", "let v = Array.map2 (fun o b -> f * o + (1.0 - f) * b) old b"),
         (F + "Functional.fs", "let m' = r.Mean * (1.0 - f) + bMean * f", "let m' = r.Mean * f + bMean * (1.0 - f)"),
         (F + "Functional.fs", "let v' = r.Var * (1.0 - f) + bVar * f", "let v' = r.Var * f + bVar * (1.0 - f)"),
+        (F + "Sync.fs", "let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b", "let v = Array.map2 (fun o b -> f * o + (1.0 - f) * b) (KernelNorm.read old) b"),
+        (F + "Sync.fs", "((o * (1.0 - f) + b.detach () * f)", "((o * f + b.detach () * (1.0 - f))"),
     ],
     # One softmax (of the mean logits) shared by the mean and the variance mixtures.
     "shared-softmax": [
@@ -28,12 +32,14 @@ MUTANTS = {
         (F + "Functional.fs", "switched p.MeanLogits torch.ScalarType.Float64, switched p.VarLogits torch.ScalarType.Float64",
          "switched p.MeanLogits torch.ScalarType.Float64, switched p.MeanLogits torch.ScalarType.Float64"),
         (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched p.MeanLogits cd"),
+        (F + "Sync.fs", "                p.MeanLogits, p.VarLogits\n", "                p.MeanLogits, p.MeanLogits\n"),
+        (F + "Sync.fs", "switched p.MeanLogits, switched p.VarLogits", "switched p.MeanLogits, switched p.MeanLogits"),
+        (F + "Sync.fs", "let var = Mixing.mix (weights p.VarLogits)", "let var = Mixing.mix (weights p.MeanLogits)"),
     ],
     # 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps).
     "eps-outside-sqrt": [
-        (K, "var r = Vector<double>.One / Vector.SquareRoot(new Vector<double>(var, i) + ve);",
-         "var r = Vector<double>.One / (Vector.SquareRoot(new Vector<double>(var, i)) + ve);"),
-        (K, "var[i] = 1.0 / Math.Sqrt(var[i] + eps);", "var[i] = 1.0 / (Math.Sqrt(var[i]) + eps);"),
+        (K, "r[i] = 1.0 / Math.Sqrt(v + eps);", "r[i] = 1.0 / (Math.Sqrt(v) + eps);"),
+        (F + "Sync.fs", "let invStd = ((var + spec.Eps).rsqrt ())", "let invStd = ((var.sqrt () + spec.Eps).reciprocal ())"),
         (F + "Fused.fs", "use varEps = var + st.Eps", "use varEps = (var.sqrt () + st.Eps).square ()"),
         (F + "Functional.fs", "let invStd = (var + spec.Eps).rsqrt ()", "let invStd = (var.sqrt () + spec.Eps).reciprocal ()"),
     ],
@@ -50,12 +56,16 @@ MUTANTS = {
         (F + "Functional.fs", "let bnFromBatch = spec.UsesBatch && (training || running.IsNone)", "let bnFromBatch = spec.UsesBatch"),
         (F + "Functional.fs", "| Some r, Some(count, mean, var) when training ->", "| Some r, Some(count, mean, var) ->"),
         (F + "Functional.fs", "| None, Some r, Some b when training ->", "| None, Some r, Some b ->"),
+        (F + "Modules.fs", "spec.UsesBatch && (this.training || recalibrating || not trackRunningStats)", "spec.UsesBatch"),
+        (F + "Sync.fs", "| Some r when training ->", "| Some r ->"),
     ],
     # No gradient reaches var_weight (the variance logits).
     "var-logits-detached": [
         (F + "Kernel.fs", "weightGrad sv.WVar dwv", "torch.zeros_like (weightGrad sv.WVar dwv)"),
         (F + "Fused.fs", "let dwv = torch.stack [ for v in vars -> (dVar * v).sum () ]", "let dwv = torch.zeros_like (torch.stack [ for v in vars -> (dVar * v).sum () ])"),
         (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched (p.VarLogits.detach ()) cd"),
+        (F + "Sync.fs", "                p.MeanLogits, p.VarLogits\n", "                p.MeanLogits, p.VarLogits.detach ()\n"),
+        (F + "Sync.fs", "let var = Mixing.mix (weights p.VarLogits)", "let var = Mixing.mix (weights (p.VarLogits.detach ()))"),
     ],
 }
 
