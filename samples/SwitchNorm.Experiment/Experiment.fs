@@ -310,34 +310,24 @@ let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> u
 
     if cancel.IsCancellationRequested then
         None
-    elif diverged > 0 then
-        Some {
-            Normalizer = spec.Normalizer.Name
-            BatchSize = spec.BatchSize
-            Epochs = spec.Epochs
-            Steps = step
-            LearningRate = lr
-            FinalTrainLoss = nan
-            TestAccuracy = nan
-            MovingAverageAccuracy = nan
-            Seconds = watch.Elapsed.TotalSeconds
-            DivergedAtStep = diverged
-            Mixtures = Mixture.ofModel model
-        }
     else
-        let moving =
-            if spec.Normalizer.Recalibrates then
-                accuracy model test
+        let moving, acc =
+            if diverged > 0 then
+                nan, nan
             else
-                nan
+                let moving =
+                    if spec.Normalizer.Recalibrates then
+                        accuracy model test
+                    else
+                        nan
 
-        let batches = recalibrationBatches spec train
-        recalibrate model spec.Normalizer batches
+                let batches = recalibrationBatches spec train
+                recalibrate model spec.Normalizer batches
 
-        for t in batches do
-            t.Dispose()
+                for t in batches do
+                    t.Dispose()
 
-        let acc = accuracy model test
+                moving, accuracy model test
 
         Some {
             Normalizer = spec.Normalizer.Name
@@ -345,10 +335,14 @@ let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> u
             Epochs = spec.Epochs
             Steps = step
             LearningRate = lr
-            FinalTrainLoss = lossSum / float (max 1 lossCount)
+            FinalTrainLoss =
+                (if diverged > 0 then
+                     nan
+                 else
+                     lossSum / float (max 1 lossCount))
             TestAccuracy = acc
             MovingAverageAccuracy = moving
             Seconds = watch.Elapsed.TotalSeconds
-            DivergedAtStep = 0
+            DivergedAtStep = diverged
             Mixtures = Mixture.ofModel model
         }

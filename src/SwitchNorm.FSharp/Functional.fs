@@ -100,6 +100,104 @@ module Functional =
         | Batch -> bnStats ()
 
     /// <summary>
+    /// The spec's switch applied to logits in dtype. A switch other than the paper's softmax is checked: the fused
+    /// paths mix means about the row mean, which equals Σ w·mean only for weights summing to 1, and the layer is only
+    /// a normalizer for convex weights.
+    /// </summary>
+    let internal switchWeights (layer: string) (spec: NormSpec) (logits: torch.Tensor) (dtype: torch.ScalarType) =
+        let w = spec.Switch(logits.to_type dtype)
+
+        if not (Mixing.isSoftmax spec.Switch) then
+            let k = List.length spec.Components
+            let v = KernelNorm.read w
+            let total = Array.sum v
+
+            if
+                v.Length <> k
+                || v |> Array.exists (fun a -> not (a >= 0.0))
+                || abs (total - 1.0) > 1e-5
+            then
+                invalidArg
+                    "spec"
+                    $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v} (sum {total})."
+
+        w
+
+    /// The running-average factor of the step that makes <c>tracked</c> batches: momentum, or 1/tracked without one.
+    let private factor (spec: NormSpec) (tracked: int64) =
+        match spec.Momentum with
+        | Some m -> m
+        | None -> 1.0 / float tracked
+
+    /// BatchNorm's update of the running statistics from a batch's per-channel mean and unbiased variance, in float64.
+    let internal runningFromArrays (spec: NormSpec) (r: RunningStats) (mean: float[]) (unbiasedVar: float[]) =
+        let tracked = r.BatchesTracked + 1L
+        let f = factor spec tracked
+
+        let blend (old: torch.Tensor) (b: float[]) =
+            let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b
+
+            torch.tensor(v, dtype = torch.ScalarType.Float64).to_type(old.dtype).``to``(old.device).MoveToOuterDisposeScope()
+
+        {
+            Mean = blend r.Mean mean
+            Var = blend r.Var unbiasedVar
+            BatchesTracked = tracked
+        }
+
+    /// BatchNorm's update of the running statistics from a batch's per-channel moments, in the statistics' dtype.
+    let internal runningFromMoments (spec: NormSpec) (r: RunningStats) (b: Moments) =
+        use _ = torch.no_grad ()
+        let tracked = r.BatchesTracked + 1L
+        let f = factor spec tracked
+        let bMean = b.Mean.detach().view(-1L).to_type r.Mean.dtype
+        let bVar = (Moments.unbiasedVariance b).detach().view(-1L).to_type r.Var.dtype
+        let m' = r.Mean * (1.0 - f) + bMean * f
+        let v' = r.Var * (1.0 - f) + bVar * f
+
+        {
+            Mean = m'.MoveToOuterDisposeScope()
+            Var = v'.MoveToOuterDisposeScope()
+            BatchesTracked = tracked
+        }
+
+    /// <summary>
+    /// The row-kernel output of x3c (N, C, S): through the autograd function when a gradient is needed, directly
+    /// otherwise. wMean and wVar are the logits when softmaxInside, else float64 weights.
+    /// </summary>
+    let internal kernelOutput
+        (x3c: torch.Tensor)
+        (gamma: torch.Tensor)
+        (beta: torch.Tensor)
+        (wMean: torch.Tensor)
+        (wVar: torch.Tensor)
+        (plan: KernelPlan)
+        (softmaxInside: bool)
+        =
+        let needsGraph =
+            torch.is_grad_enabled ()
+            && [ x3c; gamma; beta; wMean; wVar ]
+               |> List.exists (fun t -> not (isNull t) && t.requires_grad)
+
+        if needsGraph then
+            torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
+                .apply (box x3c, box gamma, box beta, box wMean, box wVar, box plan, box softmaxInside)
+        else
+            let read (t: torch.Tensor) =
+                if isNull t then None else Some(KernelNorm.read t)
+
+            let weights (t: torch.Tensor) =
+                if softmaxInside then
+                    KernelNorm.softmax (KernelNorm.read t)
+                else
+                    KernelNorm.read t
+
+            let y, _, _ =
+                KernelNorm.output x3c plan (read gamma) (read beta) (weights wMean) (weights wVar)
+
+            y
+
+    /// <summary>
     /// Normalizes x of shape (N, C, *spatial):
     /// mean = Σₖ switch(MeanLogits)ₖ · meanₖ, var = Σₖ switch(VarLogits)ₖ · varₖ over the spec's components,
     /// y = (x − mean) / sqrt(var + eps) · weight + bias. Variances are biased. In training (or without running
@@ -187,25 +285,7 @@ module Functional =
         let x3 = x.reshape (n, numFeatures, -1L)
         let x3 = if x3.dtype = cd then x3 else x3.to_type cd
 
-        // A switch other than the paper's softmax is checked: the fused paths mix means about the row mean, which
-        // equals Σ w·mean only for weights summing to 1, and the layer is only a normalizer for convex weights.
-        let switched (logits: torch.Tensor) (dtype: torch.ScalarType) =
-            let w = spec.Switch(logits.to_type dtype)
-
-            if not (Mixing.isSoftmax spec.Switch) then
-                let v = KernelNorm.read w
-                let total = Array.sum v
-
-                if
-                    v.Length <> int k
-                    || v |> Array.exists (fun a -> not (a >= 0.0))
-                    || abs (total - 1.0) > 1e-5
-                then
-                    invalidArg
-                        "spec"
-                        $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v} (sum {total})."
-
-            w
+        let switched (logits: torch.Tensor) (dtype: torch.ScalarType) = switchWeights layer spec logits dtype
 
         let composed () =
             let inst = Moments.ofRows x3
@@ -281,23 +361,7 @@ module Functional =
             let updated =
                 match running, batch with
                 | Some r, Some(count, mean, var) when training ->
-                    let tracked = r.BatchesTracked + 1L
-
-                    let f =
-                        match spec.Momentum with
-                        | Some m -> m
-                        | None -> 1.0 / float tracked
-
-                    let blend (old: float[]) (b: float[]) (like: torch.Tensor) =
-                        let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) old b
-
-                        torch.tensor(v, dtype = torch.ScalarType.Float64).to_type(like.dtype).``to``(like.device).MoveToOuterDisposeScope()
-
-                    Some {
-                        Mean = blend (KernelNorm.read r.Mean) mean r.Mean
-                        Var = blend (KernelNorm.read r.Var) (var |> Array.map (fun v -> v * count / (count - 1.0))) r.Var
-                        BatchesTracked = tracked
-                    }
+                    Some(runningFromArrays spec r mean (var |> Array.map (fun v -> v * count / (count - 1.0))))
                 | _ -> None
 
             // The paper's softmax is applied inside, in float64; any other switch is applied here, in float64.
@@ -309,24 +373,7 @@ module Functional =
                 else
                     switched p.MeanLogits torch.ScalarType.Float64, switched p.VarLogits torch.ScalarType.Float64
 
-            let y3 =
-                if needsGraph [ wMean; wVar ] then
-                    torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
-                        .apply (box x3c, box gamma, box beta, box wMean, box wVar, box plan, box softmaxInside)
-                else
-                    let read (t: torch.Tensor) =
-                        if isNull t then None else Some(KernelNorm.read t)
-
-                    let weights (t: torch.Tensor) =
-                        if softmaxInside then
-                            KernelNorm.softmax (KernelNorm.read t)
-                        else
-                            KernelNorm.read t
-
-                    let y, _, _ =
-                        KernelNorm.output x3c plan (read gamma) (read beta) (weights wMean) (weights wVar)
-
-                    y
+            let y3 = kernelOutput x3c gamma beta wMean wVar plan softmaxInside
 
             y3, bnMoments, updated
 
@@ -388,25 +435,7 @@ module Functional =
         let newRunning =
             match updated, running, bnMoments with
             | Some u, _, _ -> Some u
-            | None, Some r, Some b when training ->
-                use _ = torch.no_grad ()
-                let tracked = r.BatchesTracked + 1L
-
-                let f =
-                    match spec.Momentum with
-                    | Some m -> m
-                    | None -> 1.0 / float tracked
-
-                let bMean = b.Mean.detach().view(-1L).to_type r.Mean.dtype
-                let bVar = (Moments.unbiasedVariance b).detach().view(-1L).to_type r.Var.dtype
-                let m' = r.Mean * (1.0 - f) + bMean * f
-                let v' = r.Var * (1.0 - f) + bVar * f
-
-                Some {
-                    Mean = m'.MoveToOuterDisposeScope()
-                    Var = v'.MoveToOuterDisposeScope()
-                    BatchesTracked = tracked
-                }
+            | None, Some r, Some b when training -> Some(runningFromMoments spec r b)
             | _ -> running
 
         let batchMoments =

@@ -105,21 +105,10 @@ module Sync =
                 Reducer = Some comm
         }
 
-        let k = List.length spec.Components
         let softmaxInside = Mixing.isSoftmax spec.Switch
 
         let switched (logits: torch.Tensor) =
-            let w = spec.Switch(logits.to_type torch.ScalarType.Float64)
-            let v = KernelNorm.read w
-
-            if
-                v.Length <> k
-                || v |> Array.exists (fun a -> not (a >= 0.0))
-                || abs (Array.sum v - 1.0) > 1e-5
-            then
-                invalidArg "spec" $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v}."
-
-            w
+            Functional.switchWeights layer spec logits torch.ScalarType.Float64
 
         let wMean, wVar =
             if softmaxInside then
@@ -130,49 +119,11 @@ module Sync =
         let gamma = p.Weight |> Option.toObj
         let beta = p.Bias |> Option.toObj
 
-        let needsGraph =
-            torch.is_grad_enabled ()
-            && [ x3c; gamma; beta; wMean; wVar ]
-               |> List.exists (fun t -> not (isNull t) && t.requires_grad)
-
-        let y3 =
-            if needsGraph then
-                torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
-                    .apply (box x3c, box gamma, box beta, box wMean, box wVar, box plan, box softmaxInside)
-            else
-                let read (t: torch.Tensor) =
-                    if isNull t then None else Some(KernelNorm.read t)
-
-                let weights (t: torch.Tensor) =
-                    if softmaxInside then
-                        KernelNorm.softmax (KernelNorm.read t)
-                    else
-                        KernelNorm.read t
-
-                let y, _, _ =
-                    KernelNorm.output x3c plan (read gamma) (read beta) (weights wMean) (weights wVar)
-
-                y
+        let y3 = Functional.kernelOutput x3c gamma beta wMean wVar plan softmaxInside
 
         let updated =
             match running with
-            | Some r when training ->
-                let tracked = r.BatchesTracked + 1L
-
-                let f =
-                    match spec.Momentum with
-                    | Some m -> m
-                    | None -> 1.0 / float tracked
-
-                let blend (old: torch.Tensor) (b: float[]) =
-                    let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b
-                    torch.tensor(v, dtype = torch.ScalarType.Float64).to_type(old.dtype).``to``(old.device).MoveToOuterDisposeScope()
-
-                Some {
-                    Mean = blend r.Mean meanG
-                    Var = blend r.Var (m2 |> Array.map (fun v -> v / (total - 1.0)))
-                    BatchesTracked = tracked
-                }
+            | Some r when training -> Some(Functional.runningFromArrays spec r meanG (m2 |> Array.map (fun v -> v / (total - 1.0))))
             | _ -> None
 
         let asRow (a: float[]) =
@@ -262,25 +213,12 @@ module Sync =
                 let which = failed |> Array.map string |> String.concat ", "
                 raise (InvalidOperationException($"{layer}: rank(s) {which} refused their input; see the error on that rank."))
 
-            let cs = field 1
+            let agree (what: string) (values: float[]) (show: float -> string) =
+                if values |> Array.exists (fun v -> v <> values[0]) then
+                    raise (ArgumentException($"{layer}: ranks disagree on {what} ({perRank values show}).", "input"))
 
-            if cs |> Array.exists (fun c -> c <> cs[0]) then
-                raise (
-                    ArgumentException(
-                        $"{layer}: ranks disagree on the number of channels ({perRank cs (fun c -> string (int64 c))}).",
-                        "input"
-                    )
-                )
-
-            let dts = field 2
-
-            if dts |> Array.exists (fun d -> d <> dts[0]) then
-                raise (
-                    ArgumentException(
-                        $"{layer}: ranks disagree on the dtype ({perRank dts (fun d -> string (LanguagePrimitives.EnumOfValue<sbyte, torch.ScalarType>(sbyte d)))}).",
-                        "input"
-                    )
-                )
+            agree "the number of channels" (field 1) (fun c -> string (int64 c))
+            agree "the dtype" (field 2) (fun d -> string (LanguagePrimitives.EnumOfValue<sbyte, torch.ScalarType>(sbyte d)))
 
             let counts = field 3
             let total = Array.sum counts
@@ -350,22 +288,9 @@ module Sync =
                             l.Mean, Moments.variance l
                         | Batch -> meanG, varG)
 
-                let k = List.length spec.Components
 
                 let weights (logits: torch.Tensor) =
-                    let w = spec.Switch(logits.to_type cd)
-
-                    if not (Mixing.isSoftmax spec.Switch) then
-                        let v = AllreduceFunction.Values w
-
-                        if
-                            v.Length <> k
-                            || v |> Array.exists (fun a -> not (a >= 0.0))
-                            || abs (Array.sum v - 1.0) > 1e-5
-                        then
-                            invalidArg "spec" $"{layer}: the switch must return {k} convex weights (non-negative, summing to 1); got %A{v}."
-
-                    w
+                    Functional.switchWeights layer spec logits cd
 
                 let mean = Mixing.mix (weights p.MeanLogits) (stats |> List.map fst)
                 let var = Mixing.mix (weights p.VarLogits) (stats |> List.map snd)
@@ -384,33 +309,16 @@ module Sync =
                 let y3 = torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
                 let y = (if origDtype = cd then y3 else y3.to_type origDtype).reshape (x.shape)
 
-                let updated =
-                    match running with
-                    | Some r when training ->
-                        use _ = torch.no_grad ()
-                        let tracked = r.BatchesTracked + 1L
-
-                        let f =
-                            match spec.Momentum with
-                            | Some m -> m
-                            | None -> 1.0 / float tracked
-
-                        let blend (old: torch.Tensor) (b: torch.Tensor) =
-                            let o = old.detach().to_type f64
-                            ((o * (1.0 - f) + b.detach () * f).to_type (old.dtype)).MoveToOuterDisposeScope()
-
-                        Some {
-                            Mean = blend r.Mean mean64
-                            Var = blend r.Var (m2 / (total - 1.0))
-                            BatchesTracked = tracked
-                        }
-                    | _ -> None
-
                 let moments = {
                     Count = total
                     Mean = (mean64.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
                     M2 = (m2.detach().to_type cd).view(1L, -1L).MoveToOuterDisposeScope()
                 }
+
+                let updated =
+                    match running with
+                    | Some r when training -> Some(Functional.runningFromMoments spec r moments)
+                    | _ -> None
 
                 {
                     Output = y.MoveToOuterDisposeScope()

@@ -19,11 +19,9 @@ MUTANTS = {
     ],
     # running = f·running + (1 − f)·batch instead of (1 − f)·running + f·batch.
     "momentum-reversed": [
-        (F + "Functional.fs", "let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) old b", "let v = Array.map2 (fun o b -> f * o + (1.0 - f) * b) old b"),
+        (F + "Functional.fs", "let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b", "let v = Array.map2 (fun o b -> f * o + (1.0 - f) * b) (KernelNorm.read old) b"),
         (F + "Functional.fs", "let m' = r.Mean * (1.0 - f) + bMean * f", "let m' = r.Mean * f + bMean * (1.0 - f)"),
         (F + "Functional.fs", "let v' = r.Var * (1.0 - f) + bVar * f", "let v' = r.Var * f + bVar * (1.0 - f)"),
-        (F + "Sync.fs", "let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b", "let v = Array.map2 (fun o b -> f * o + (1.0 - f) * b) (KernelNorm.read old) b"),
-        (F + "Sync.fs", "((o * (1.0 - f) + b.detach () * f)", "((o * f + b.detach () * (1.0 - f))"),
     ],
     # One softmax (of the mean logits) shared by the mean and the variance mixtures.
     "shared-softmax": [
