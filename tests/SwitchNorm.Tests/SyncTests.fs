@@ -136,15 +136,20 @@ let syncEqualsUnsplit (dt: torch.ScalarType) (c: SyncCase) =
             torch.cat ([| for r in 0 .. c.Shards.Length - 1 -> (let _, d, _ = at r in d) |], 0L)
 
         assertClose $"step {step} output" tol y yRef
-        assertClose $"step {step} input gradient" tol dx dxRef
+        // an input gradient is gr·g + q·(x − centre) + c0, whose terms carry r = 1/sqrt(var + eps): rounding is
+        // relative to the largest of them, which the largest gradient entry bounds from below
+        let scale = max 1.0 (dxRef.abs().max().to_type(f64).item<float> ())
+        assertClose $"step {step} input gradient" (tol * scale) dx dxRef
 
         gRef
         |> List.iteri (fun i gr ->
             let summed =
                 [ for r in 0 .. c.Shards.Length - 1 -> (let _, _, gs = at r in gs[i]) ]
                 |> List.reduce (+)
-            // a parameter gradient sums N·H·W terms of size ~|x|·|g|: allow √(count) roundings more
-            assertClose $"step {step} parameter gradient {i}" (tol * float (x.numel ())) summed gr)
+            // a parameter gradient sums up to N·C·H·W terms of size ~|x|·|g| (|x| ≤ 2·4 + 0.5 here), in a different
+            // order on each side: its rounding grows like √(count)·|term| against the unit tolerance of one output
+            let terms = float (x.numel ())
+            assertClose $"step {step} parameter gradient {i}" (tol * sqrt terms * 10.0) summed gr)
 
     for (_, rm, rv, tracked) in perRank do
         assertClose "running_mean" tol rm reference.running_mean
