@@ -197,25 +197,10 @@ module Functional =
 
             y
 
-    /// <summary>
-    /// Normalizes x of shape (N, C, *spatial):
-    /// mean = Σₖ switch(MeanLogits)ₖ · meanₖ, var = Σₖ switch(VarLogits)ₖ · varₖ over the spec's components,
-    /// y = (x − mean) / sqrt(var + eps) · weight + bias. Variances are biased. In training (or without running
-    /// statistics) BN uses the batch and the running statistics are updated as BatchNorm updates them:
-    /// running = (1 − f) · running + f · batch, with the unbiased batch variance and f = momentum, or
-    /// 1 / batches_tracked when momentum is None. In eval BN uses the running statistics; IN and LN always use x.
-    /// float16/bfloat16 inputs are normalized in float32 and returned in their own dtype.
-    /// </summary>
-    /// <param name="layer">Name used in error messages.</param>
-    /// <param name="spec">Components, switch, eps and momentum.</param>
-    /// <param name="p">Weight, bias and the two logit vectors.</param>
-    /// <param name="running">BN running statistics, or None when they are not tracked.</param>
-    /// <param name="training">Training mode: BN uses and tracks the batch.</param>
-    /// <param name="x">The input (N, C, *spatial).</param>
-    /// <exception cref="T:System.ArgumentException">Bad input: rank, channels, dtype, device, or a training
-    /// batch with one value per channel when BN is mixed in.</exception>
-    [<CompiledName("Forward")>]
-    let forward
+    /// The functional normalizer; with checkTensors false, the dtype and device checks of every tensor are skipped
+    /// (the module has made them).
+    let internal forwardCore
+        (checkTensors: bool)
         (layer: string)
         (spec: NormSpec)
         (p: NormParams)
@@ -228,7 +213,8 @@ module Functional =
         if k = 0L then
             invalidArg "spec" $"{layer}: the spec mixes no statistics."
 
-        Checks.floatingInput layer x
+        if checkTensors then
+            Checks.floatingInput layer x
 
         let numFeatures =
             match p.Weight with
@@ -240,23 +226,25 @@ module Functional =
 
         Checks.channels layer numFeatures x
 
-        for (what, t) in
-            [
-                yield "mean_weight", p.MeanLogits
-                yield "var_weight", p.VarLogits
-                match p.Weight with
-                | Some w -> yield "weight", w
-                | None -> ()
-                match p.Bias with
-                | Some b -> yield "bias", b
-                | None -> ()
-                match running with
-                | Some r ->
-                    yield "running_mean", r.Mean
-                    yield "running_var", r.Var
-                | None -> ()
-            ] do
-            Checks.compatible layer what x t
+        // the module checked these already (SwitchNormNd.CheckState)
+        if checkTensors then
+            for (what, t) in
+                [
+                    yield "mean_weight", p.MeanLogits
+                    yield "var_weight", p.VarLogits
+                    match p.Weight with
+                    | Some w -> yield "weight", w
+                    | None -> ()
+                    match p.Bias with
+                    | Some b -> yield "bias", b
+                    | None -> ()
+                    match running with
+                    | Some r ->
+                        yield "running_mean", r.Mean
+                        yield "running_var", r.Var
+                    | None -> ()
+                ] do
+                Checks.compatible layer what x t
 
         for (what, t) in [ "mean_weight", p.MeanLogits; "var_weight", p.VarLogits ] do
             if t.dim () <> 1L || t.size 0 <> k then
@@ -319,8 +307,12 @@ module Functional =
 
             torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0), bnMoments, None
 
-        let gamma = p.Weight |> Option.map (fun w -> w.to_type cd) |> Option.toObj
-        let beta = p.Bias |> Option.map (fun b -> b.to_type cd) |> Option.toObj
+        // the same tensor when the dtype already matches (to_type would make a new handle, a native call)
+        let inCd (t: torch.Tensor) =
+            if t.dtype = cd then t else t.to_type cd
+
+        let gamma = p.Weight |> Option.map inCd |> Option.toObj
+        let beta = p.Bias |> Option.map inCd |> Option.toObj
 
         let needsGraph (ts: torch.Tensor list) =
             torch.is_grad_enabled ()
@@ -328,7 +320,7 @@ module Functional =
                |> List.exists (fun t -> not (isNull t) && t.requires_grad)
 
         let kernel () =
-            let x3c = x3.contiguous ()
+            let x3c = if x3.is_contiguous () then x3 else x3.contiguous ()
             let st = KernelNorm.rowStats x3c
 
             let kinds =
@@ -454,3 +446,31 @@ module Functional =
             Running = newRunning
             BatchMoments = batchMoments
         }
+
+    /// <summary>
+    /// Normalizes x of shape (N, C, *spatial):
+    /// mean = Σₖ switch(MeanLogits)ₖ · meanₖ, var = Σₖ switch(VarLogits)ₖ · varₖ over the spec's components,
+    /// y = (x − mean) / sqrt(var + eps) · weight + bias. Variances are biased. In training (or without running
+    /// statistics) BN uses the batch and the running statistics are updated as BatchNorm updates them:
+    /// running = (1 − f) · running + f · batch, with the unbiased batch variance and f = momentum, or
+    /// 1 / batches_tracked when momentum is None. In eval BN uses the running statistics; IN and LN always use x.
+    /// float16/bfloat16 inputs are normalized in float32 and returned in their own dtype.
+    /// </summary>
+    /// <param name="layer">Name used in error messages.</param>
+    /// <param name="spec">Components, switch, eps and momentum.</param>
+    /// <param name="p">Weight, bias and the two logit vectors.</param>
+    /// <param name="running">BN running statistics, or None when they are not tracked.</param>
+    /// <param name="training">Training mode: BN uses and tracks the batch.</param>
+    /// <param name="x">The input (N, C, *spatial).</param>
+    /// <exception cref="T:System.ArgumentException">Bad input: rank, channels, dtype, device, or a training
+    /// batch with one value per channel when BN is mixed in.</exception>
+    [<CompiledName("Forward")>]
+    let forward
+        (layer: string)
+        (spec: NormSpec)
+        (p: NormParams)
+        (running: RunningStats option)
+        (training: bool)
+        (x: torch.Tensor)
+        : NormResult =
+        forwardCore true layer spec p running training x

@@ -318,16 +318,27 @@ type SwitchNormNd
     /// Checks that every parameter and buffer is on the input's device, and the floating ones have a compatible dtype.
     member this.CheckState(x: torch.Tensor) =
         Checks.floatingInput layerName x
+        // the input's device and dtype are read once: each read is a native call
+        let xType, xIndex, xDtype = x.device_type, x.device_index, x.dtype
 
-        for struct (name, p) in this.named_parameters () do
-            Checks.compatible layerName name x p
+        let check (name: string) (t: torch.Tensor) (dtypeToo: bool) =
+            if not (isNull t) then
+                if t.device_type <> xType || t.device_index <> xIndex then
+                    raise (ArgumentException($"{layerName}: the input is on device {x.device} but {name} is on {t.device}.", "input"))
 
-        for struct (name, b) in this.named_buffers () do
-            if name = "num_batches_tracked" then
-                if b.device.``type`` <> x.device.``type`` || b.device.index <> x.device.index then
-                    raise (ArgumentException($"{layerName}: the input is on device {x.device} but {name} is on {b.device}.", "input"))
-            else
-                Checks.compatible layerName name x b
+                if dtypeToo then
+                    let d = t.dtype
+
+                    if not (d = xDtype || (Checks.isHalf xDtype && d = torch.ScalarType.Float32)) then
+                        Checks.compatible layerName name x t // raises with the message
+
+        for name in [ "weight"; "bias"; "mean_weight"; "var_weight" ] do
+            check name (this.get_parameter name) true
+
+        for name in [ "running_mean"; "running_var" ] do
+            check name (this.get_buffer name) true
+
+        check "num_batches_tracked" (this.get_buffer "num_batches_tracked") false
 
     /// <summary>Normalizes x; in training mode also updates the BN running statistics.</summary>
     override this.forward(x: torch.Tensor) : torch.Tensor =
@@ -340,7 +351,7 @@ type SwitchNormNd
                 this.CheckRank x
                 this.CheckState x
                 let running = runningNow ()
-                running, Functional.forward layerName spec this.Params running this.training x
+                running, Functional.forwardCore false layerName spec this.Params running this.training x
             | Some comm ->
                 // a local error must reach the other ranks through the collective, or they would wait for ever
                 let running, localError =
