@@ -155,19 +155,24 @@ internal static unsafe class RowKernels
         while (j < len)
         {
             int stop = Math.Min(len, j + Block);
+            // four independent accumulators, so the adds do not wait on each other
             var acc0 = Vector<float>.Zero;
             var acc1 = Vector<float>.Zero;
+            var acc2 = Vector<float>.Zero;
+            var acc3 = Vector<float>.Zero;
 
-            for (; j + 2 * w <= stop; j += 2 * w)
+            for (; j + 4 * w <= stop; j += 4 * w)
             {
                 acc0 += Unsafe.ReadUnaligned<Vector<float>>(p + j);
                 acc1 += Unsafe.ReadUnaligned<Vector<float>>(p + j + w);
+                acc2 += Unsafe.ReadUnaligned<Vector<float>>(p + j + 2 * w);
+                acc3 += Unsafe.ReadUnaligned<Vector<float>>(p + j + 3 * w);
             }
 
             for (; j + w <= stop; j += w)
                 acc0 += Unsafe.ReadUnaligned<Vector<float>>(p + j);
 
-            double t = Vector.Sum(acc0 + acc1);
+            double t = Vector.Sum((acc0 + acc1) + (acc2 + acc3));
 
             for (; j < stop; j++)
                 t += p[j];
@@ -190,8 +195,21 @@ internal static unsafe class RowKernels
         while (j < len)
         {
             int stop = Math.Min(len, j + Block);
+            // two independent pairs of accumulators, so the adds do not wait on each other
             var acc1 = Vector<float>.Zero;
             var acc2 = Vector<float>.Zero;
+            var acc1b = Vector<float>.Zero;
+            var acc2b = Vector<float>.Zero;
+
+            for (; j + 2 * w <= stop; j += 2 * w)
+            {
+                var d = Unsafe.ReadUnaligned<Vector<float>>(p + j) - va;
+                var e = Unsafe.ReadUnaligned<Vector<float>>(p + j + w) - va;
+                acc1 += d;
+                acc2 += d * d;
+                acc1b += e;
+                acc2b += e * e;
+            }
 
             for (; j + w <= stop; j += w)
             {
@@ -200,7 +218,7 @@ internal static unsafe class RowKernels
                 acc2 += d * d;
             }
 
-            double t1 = Vector.Sum(acc1), t2 = Vector.Sum(acc2);
+            double t1 = Vector.Sum(acc1 + acc1b), t2 = Vector.Sum(acc2 + acc2b);
 
             for (; j < stop; j++)
             {
