@@ -41,6 +41,10 @@ module Checks =
                 )
             )
 
+    /// The dtype the statistics are computed in: float32 for float16/bfloat16 inputs, else the input's own.
+    let computeDtype (dtype: torch.ScalarType) =
+        if isHalf dtype then torch.ScalarType.Float32 else dtype
+
     /// Checks the input's dtype is floating point.
     let floatingInput (layer: string) (x: torch.Tensor) =
         if not (isFloating x.dtype) then

@@ -29,7 +29,8 @@ type SwitchNormLayer
             trackRunningStats,
             lastGamma,
             device,
-            dtype
+            dtype,
+            None
         )
 
 /// A module that applies an F# function (no parameters); see <c>Layer.ofFn</c>.

@@ -264,11 +264,7 @@ module Functional =
         use scope = torch.NewDisposeScope()
         let origDtype = x.dtype
 
-        let cd =
-            if Checks.isHalf origDtype then
-                torch.ScalarType.Float32
-            else
-                origDtype
+        let cd = Checks.computeDtype origDtype
 
         let x3 = x.reshape (n, numFeatures, -1L)
         let x3 = if x3.dtype = cd then x3 else x3.to_type cd

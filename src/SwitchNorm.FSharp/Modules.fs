@@ -31,7 +31,8 @@ type SwitchNormNd
         trackRunningStats: bool,
         lastGamma: bool,
         device: torch.Device,
-        dtype: Nullable<torch.ScalarType>
+        dtype: Nullable<torch.ScalarType>,
+        communicator: ICommunicator option
     ) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>(layerName)
 
@@ -46,6 +47,11 @@ type SwitchNormNd
 
     do
         Checks.constructorArgs layerName numFeatures spec.Eps (Option.toNullable spec.Momentum)
+
+        match communicator with
+        | Some c when isNull (box c) ->
+            raise (ArgumentNullException("communicator", $"{layerName} needs a communicator (InProcessGroup or MpiCommunicator)."))
+        | _ -> ()
 
         if not (Checks.isFloating dt) then
             raise (ArgumentException($"{layerName}: dtype must be a floating-point type; got {dt}.", "dtype"))
@@ -77,7 +83,6 @@ type SwitchNormNd
     let mutable switchKind = SwitchKind.Softmax
     let mutable radius = 0.0
     let mutable frozen = false
-    let mutable communicator: ICommunicator option = None
 
     /// The layer's name in messages, e.g. "SwitchNorm2d".
     member _.LayerName = layerName
@@ -263,9 +268,7 @@ type SwitchNormNd
     member internal _.Spec = spec
 
     /// The communicator whose ranks share the BN statistics (synchronized layers only).
-    member internal _.Communicator
-        with get () = communicator
-        and set (v: ICommunicator option) = communicator <- v
+    member internal _.Communicator = communicator
 
     member internal this.Params: NormParams = {
         Weight =
@@ -425,7 +428,8 @@ type SwitchNorm1d
             track_running_stats,
             last_gamma,
             device,
-            dtype
+            dtype,
+            None
         )
 
 /// <summary>Switchable Normalization over (N, C, H, W) inputs: a drop-in for torch.nn.BatchNorm2d, with the same
@@ -453,7 +457,8 @@ type SwitchNorm2d
             track_running_stats,
             last_gamma,
             device,
-            dtype
+            dtype,
+            None
         )
 
 /// <summary>Switchable Normalization over (N, C, D, H, W) inputs; same parameters as torch.nn.BatchNorm3d, plus
@@ -481,7 +486,8 @@ type SwitchNorm3d
             track_running_stats,
             last_gamma,
             device,
-            dtype
+            dtype,
+            None
         )
 
 /// <summary>
@@ -500,7 +506,7 @@ type SyncSwitchNorm1d
         [<Optional>] dtype: Nullable<torch.ScalarType>,
         [<Optional; DefaultParameterValue(true)>] using_bn: bool,
         [<Optional; DefaultParameterValue(false)>] last_gamma: bool
-    ) as this =
+    ) =
     inherit
         SwitchNormNd(
             "SyncSwitchNorm1d",
@@ -512,14 +518,10 @@ type SyncSwitchNorm1d
             track_running_stats,
             last_gamma,
             device,
-            dtype
+            dtype,
+            Some communicator
         )
 
-    do
-        if isNull (box communicator) then
-            raise (ArgumentNullException("communicator", "SyncSwitchNorm1d needs a communicator (InProcessGroup or MpiCommunicator)."))
-
-        this.Communicator <- Some communicator
 
 /// <summary>
 /// Synchronized Switchable Normalization over (N, C, H, W) inputs, for data-parallel training: a SwitchNorm2d whose BN
@@ -542,7 +544,7 @@ type SyncSwitchNorm2d
         [<Optional>] dtype: Nullable<torch.ScalarType>,
         [<Optional; DefaultParameterValue(true)>] using_bn: bool,
         [<Optional; DefaultParameterValue(false)>] last_gamma: bool
-    ) as this =
+    ) =
     inherit
         SwitchNormNd(
             "SyncSwitchNorm2d",
@@ -554,14 +556,10 @@ type SyncSwitchNorm2d
             track_running_stats,
             last_gamma,
             device,
-            dtype
+            dtype,
+            Some communicator
         )
 
-    do
-        if isNull (box communicator) then
-            raise (ArgumentNullException("communicator", "SyncSwitchNorm2d needs a communicator (InProcessGroup or MpiCommunicator)."))
-
-        this.Communicator <- Some communicator
 
 /// <summary>
 /// Synchronized Switchable Normalization over (N, C, D, H, W) inputs: SwitchNorm3d whose BN statistics are those of
@@ -579,7 +577,7 @@ type SyncSwitchNorm3d
         [<Optional>] dtype: Nullable<torch.ScalarType>,
         [<Optional; DefaultParameterValue(true)>] using_bn: bool,
         [<Optional; DefaultParameterValue(false)>] last_gamma: bool
-    ) as this =
+    ) =
     inherit
         SwitchNormNd(
             "SyncSwitchNorm3d",
@@ -591,11 +589,6 @@ type SyncSwitchNorm3d
             track_running_stats,
             last_gamma,
             device,
-            dtype
+            dtype,
+            Some communicator
         )
-
-    do
-        if isNull (box communicator) then
-            raise (ArgumentNullException("communicator", "SyncSwitchNorm3d needs a communicator (InProcessGroup or MpiCommunicator)."))
-
-        this.Communicator <- Some communicator

@@ -305,3 +305,10 @@ let ``the synchronized module is a SwitchNorm for the model tools`` () =
         torch.nn.Sequential(torch.nn.Conv2d(1L, 4L, 3L), new SyncSwitchNorm2d(4L, group.Rank 0))
 
     Assert.Equal(1, (Mixture.ofModel model).Length)
+
+[<Fact>]
+let ``a synchronized layer without a communicator is refused at construction`` () =
+    let e =
+        Assert.Throws<ArgumentNullException>(fun () -> new SyncSwitchNorm2d(4L, Unchecked.defaultof<ICommunicator>) |> ignore)
+
+    Assert.Contains("SyncSwitchNorm2d needs a communicator", e.Message)
