@@ -123,6 +123,38 @@ module Functional =
 
         w
 
+    /// <summary>
+    /// The composed output from statistics (mean, biased variance) per component, each [N, C], [N, 1] or [1, C]:
+    /// the switch's mixtures, then y = (x − mean)·scale + β as one addcmul, with scale = γ / sqrt(var + eps).
+    /// </summary>
+    let internal mixedOutput
+        (layer: string)
+        (spec: NormSpec)
+        (p: NormParams)
+        (cd: torch.ScalarType)
+        (x3: torch.Tensor)
+        (stats: (torch.Tensor * torch.Tensor) list)
+        =
+        let mean =
+            Mixing.mix (switchWeights layer spec p.MeanLogits cd) (stats |> List.map fst)
+
+        let var =
+            Mixing.mix (switchWeights layer spec p.VarLogits cd) (stats |> List.map snd)
+        // Mixing [N, C], [N, 1] and [1, C] statistics always broadcasts to [N, C].
+        let invStd = ((var + spec.Eps).rsqrt ()).expand (x3.size 0, x3.size 1)
+
+        let scale =
+            match p.Weight with
+            | Some w -> invStd * (w.to_type cd).view (1L, -1L)
+            | None -> invStd
+
+        let shift =
+            match p.Bias with
+            | Some b -> (b.to_type cd).view (1L, -1L) - mean * scale
+            | None -> -(mean * scale)
+
+        torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
+
     /// The running-average factor of the step that makes <c>tracked</c> batches: momentum, or 1/tracked without one.
     let private factor (spec: NormSpec) (tracked: int64) =
         match spec.Momentum with
@@ -283,25 +315,7 @@ module Functional =
                 | None, None -> invalidOp "unreachable: BN without batch or running statistics"
 
             let stats = spec.Components |> List.map (fun comp -> statistic inst comp bnStats)
-            let wMean = switched p.MeanLogits cd
-            let wVar = switched p.VarLogits cd
-            let mean = Mixing.mix wMean (stats |> List.map fst)
-            let var = Mixing.mix wVar (stats |> List.map snd)
-            let invStd = (var + spec.Eps).rsqrt ()
-            // Mixing [N, C], [N, 1] and [1, C] statistics always broadcasts to [N, C].
-            let invStd = invStd.expand (n, numFeatures)
-
-            let scale =
-                match p.Weight with
-                | Some w -> invStd * (w.to_type cd).view (1L, -1L)
-                | None -> invStd
-
-            let shift =
-                match p.Bias with
-                | Some b -> (b.to_type cd).view (1L, -1L) - mean * scale
-                | None -> -(mean * scale)
-
-            torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0), bnMoments, None
+            mixedOutput layer spec p cd x3 stats, bnMoments, None
 
         // the same tensor when the dtype already matches (to_type would make a new handle, a native call)
         let inCd (t: torch.Tensor) =

@@ -285,24 +285,7 @@ module Sync =
                         | Batch -> meanG, varG)
 
 
-                let weights (logits: torch.Tensor) =
-                    Functional.switchWeights layer spec logits cd
-
-                let mean = Mixing.mix (weights p.MeanLogits) (stats |> List.map fst)
-                let var = Mixing.mix (weights p.VarLogits) (stats |> List.map snd)
-                let invStd = ((var + spec.Eps).rsqrt ()).expand (n, numFeatures)
-
-                let scale =
-                    match p.Weight with
-                    | Some w -> invStd * (w.to_type cd).view (1L, -1L)
-                    | None -> invStd
-
-                let shift =
-                    match p.Bias with
-                    | Some b -> (b.to_type cd).view (1L, -1L) - mean.expand (n, numFeatures) * scale
-                    | None -> -(mean.expand (n, numFeatures) * scale)
-
-                let y3 = torch.addcmul (shift.unsqueeze 2L, x3, scale.unsqueeze 2L, 1.0)
+                let y3 = Functional.mixedOutput layer spec p cd x3 stats
                 let y = (if origDtype = cd then y3 else y3.to_type origDtype).reshape (x.shape)
 
                 let moments = {

@@ -32,14 +32,13 @@ MUTANTS = {
         (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched p.MeanLogits cd"),
         (F + "Sync.fs", "                p.MeanLogits, p.VarLogits\n", "                p.MeanLogits, p.MeanLogits\n"),
         (F + "Sync.fs", "switched p.MeanLogits, switched p.VarLogits", "switched p.MeanLogits, switched p.MeanLogits"),
-        (F + "Sync.fs", "let var = Mixing.mix (weights p.VarLogits)", "let var = Mixing.mix (weights p.MeanLogits)"),
+        (F + "Functional.fs", "Mixing.mix (switchWeights layer spec p.VarLogits cd)", "Mixing.mix (switchWeights layer spec p.MeanLogits cd)"),
     ],
     # 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps).
     "eps-outside-sqrt": [
         (K, "r[i] = 1.0 / Math.Sqrt(v + eps);", "r[i] = 1.0 / (Math.Sqrt(v) + eps);"),
-        (F + "Sync.fs", "let invStd = ((var + spec.Eps).rsqrt ())", "let invStd = ((var.sqrt () + spec.Eps).reciprocal ())"),
+        (F + "Functional.fs", "let invStd = ((var + spec.Eps).rsqrt ())", "let invStd = ((var.sqrt () + spec.Eps).reciprocal ())"),
         (F + "Fused.fs", "use varEps = var + st.Eps", "use varEps = (var.sqrt () + st.Eps).square ()"),
-        (F + "Functional.fs", "let invStd = (var + spec.Eps).rsqrt ()", "let invStd = (var.sqrt () + spec.Eps).reciprocal ()"),
     ],
     # M2 = Σx² − n·mean² (accumulated in the input's precision) instead of the centred two-pass sum.
     "naive-variance": [
@@ -63,7 +62,7 @@ MUTANTS = {
         (F + "Fused.fs", "let dwv = torch.stack [ for v in vars -> (dVar * v).sum () ]", "let dwv = torch.zeros_like (torch.stack [ for v in vars -> (dVar * v).sum () ])"),
         (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched (p.VarLogits.detach ()) cd"),
         (F + "Sync.fs", "                p.MeanLogits, p.VarLogits\n", "                p.MeanLogits, p.VarLogits.detach ()\n"),
-        (F + "Sync.fs", "let var = Mixing.mix (weights p.VarLogits)", "let var = Mixing.mix (weights (p.VarLogits.detach ()))"),
+        (F + "Functional.fs", "Mixing.mix (switchWeights layer spec p.VarLogits cd)", "Mixing.mix (switchWeights layer spec (p.VarLogits.detach ()) cd)"),
     ],
 }
 
