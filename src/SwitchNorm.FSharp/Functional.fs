@@ -331,7 +331,6 @@ module Functional =
 
         let kernel () =
             let x3c = if x3.is_contiguous () then x3 else x3.contiguous ()
-            let st = KernelNorm.rowStats x3c
 
             let kinds =
                 spec.Components
@@ -342,30 +341,6 @@ module Functional =
                     | Batch when bnFromBatch -> PerChannel
                     | Batch -> Constant)
 
-            let plan =
-                KernelNorm.plan st kinds (running |> Option.map (fun r -> r.Mean, r.Var)) spec.Eps
-
-            let batch = if bnFromBatch then Some(KernelNorm.batchStats st) else None
-
-            let bnMoments =
-                batch
-                |> Option.map (fun (count, mean, var) ->
-                    let asTensor (a: float[]) =
-                        torch.tensor(Array.map float32 a).view (1L, -1L)
-
-                    {
-                        Count = count
-                        Mean = asTensor mean
-                        M2 = asTensor (var |> Array.map (fun v -> v * count))
-                    })
-
-            // BatchNorm's update of the running statistics, in float64 from the batch's statistics.
-            let updated =
-                match running, batch with
-                | Some r, Some(count, mean, var) when training ->
-                    Some(runningFromArrays spec r mean (var |> Array.map (fun v -> v * count / (count - 1.0))))
-                | _ -> None
-
             // The paper's softmax is applied inside, in float64; any other switch is applied here, in float64.
             let softmaxInside = Mixing.isSoftmax spec.Switch
 
@@ -375,9 +350,55 @@ module Functional =
                 else
                     switched p.MeanLogits torch.ScalarType.Float64, switched p.VarLogits torch.ScalarType.Float64
 
-            let y3 = kernelOutput x3c gamma beta wMean wVar plan softmaxInside
+            if not bnFromBatch && not (needsGraph [ wMean; wVar ]) then
+                // no statistic spans samples and no graph: sample by sample, while each is in cache
+                let weights (t: torch.Tensor) =
+                    if softmaxInside then
+                        KernelNorm.softmax (KernelNorm.read t)
+                    else
+                        KernelNorm.read t
 
-            y3, bnMoments, updated
+                let read (t: torch.Tensor) =
+                    if isNull t then None else Some(KernelNorm.read t)
+
+                let running = running |> Option.map (fun r -> r.Mean, r.Var)
+
+                KernelNorm.sampleOutput x3c kinds running spec.Eps (read gamma) (read beta) (weights wMean) (weights wVar), None, None
+            else
+
+                let st = KernelNorm.rowStats x3c
+
+                let plan =
+                    KernelNorm.plan st kinds (running |> Option.map (fun r -> r.Mean, r.Var)) spec.Eps
+
+                // the batch's per-channel statistics, pooled once for the mixture and the running update
+                let batch =
+                    plan.Components
+                    |> Array.tryFind (fun comp -> comp.Kind = PerChannel)
+                    |> Option.map (fun comp -> comp.Count, comp.Mean, comp.Var)
+
+                let bnMoments =
+                    batch
+                    |> Option.map (fun (count, mean, var) ->
+                        let asTensor (a: float[]) =
+                            torch.tensor(Array.map float32 a).view (1L, -1L)
+
+                        {
+                            Count = count
+                            Mean = asTensor mean
+                            M2 = asTensor (var |> Array.map (fun v -> v * count))
+                        })
+
+                // BatchNorm's update of the running statistics, in float64 from the batch's statistics.
+                let updated =
+                    match running, batch with
+                    | Some r, Some(count, mean, var) when training ->
+                        Some(runningFromArrays spec r mean (var |> Array.map (fun v -> v * count / (count - 1.0))))
+                    | _ -> None
+
+                let y3 = kernelOutput x3c gamma beta wMean wVar plan softmaxInside
+
+                y3, bnMoments, updated
 
         let fused () =
             let rowMean, centred, m2 = Fused.rowMoments x3

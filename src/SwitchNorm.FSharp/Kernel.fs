@@ -45,7 +45,7 @@ type internal RowStats = {
     C: int
     S: int
     /// Each row's mean rounded to float32: the centre of every later pass over the row.
-    Centre: float32[]
+    Centre: float[]
     /// Each row's mean.
     Mean: float[]
     /// Each row's centred sum of squares.
@@ -143,9 +143,9 @@ module internal KernelNorm =
         let n, c, s = int (x3.size 0), int (x3.size 1), int (x3.size 2)
         let rows = n * c
         let px = Kernel.pointer x3
-        let centre = Array.zeroCreate rows
-        let mean = Array.zeroCreate rows
-        let m2 = Array.zeroCreate rows
+        let centre = GC.AllocateUninitializedArray<float> rows
+        let mean = GC.AllocateUninitializedArray<float> rows
+        let m2 = GC.AllocateUninitializedArray<float> rows
         Kernel.forRows rows s (fun lo hi -> RowKernels.Stats(px, s, centre, mean, m2, lo, hi))
 
         {
@@ -186,7 +186,7 @@ module internal KernelNorm =
                 Count = float st.S
                 Mean = st.Mean
                 Var =
-                    let v = Array.zeroCreate st.M2.Length
+                    let v = GC.AllocateUninitializedArray<float> st.M2.Length
                     RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)
                     v
               }
@@ -221,8 +221,8 @@ module internal KernelNorm =
     let private mixed (plan: KernelPlan) (wm: float[]) (wv: float[]) =
         let st = plan.Stats
         let rows = st.N * st.C
-        let mu = Array.zeroCreate rows
-        let r = Array.zeroCreate rows
+        let mu = GC.AllocateUninitializedArray<float> rows
+        let r = GC.AllocateUninitializedArray<float> rows
         let comps = plan.Components
         // μ = rowMean + Σ w·(mean − rowMean): the same as Σ w·mean for weights summing to 1, but the weights'
         // rounding only scales the (small) differences, never a large common offset.
@@ -254,6 +254,82 @@ module internal KernelNorm =
         let g, b = defaultArg gamma null, defaultArg beta null
         Kernel.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.C, st.S, st.Centre, r, mu, g, b, lo, hi))
         y, mu, r
+
+    /// <summary>
+    /// The output of a contiguous float32 x3 without a graph, when no statistic spans samples (per-row, per-sample
+    /// and constant statistics only: eval, or no BN). Sample by sample: its rows' moments, its statistics, their
+    /// mixture and its output, while the sample is still in cache; the samples are split across libtorch's threads.
+    /// The same kernels, with the same per-row arithmetic, as rowStats, plan and output, so the result is bitwise
+    /// that of the whole-batch path.
+    /// </summary>
+    let sampleOutput
+        (x3: torch.Tensor)
+        (kinds: StatKind list)
+        (running: (torch.Tensor * torch.Tensor) option)
+        (eps: float)
+        (gamma: float[] option)
+        (beta: float[] option)
+        (wm: float[])
+        (wv: float[])
+        =
+        let n, c, s = int (x3.size 0), int (x3.size 1), int (x3.size 2)
+        let codes = kinds |> List.map code |> Array.ofList
+
+        let runMean, runVar =
+            match running with
+            | Some(m, v) when List.contains Constant kinds -> values m, values v
+            | _ -> null, null
+
+        if
+            List.contains PerChannel kinds
+            || (List.contains Constant kinds && isNull runMean)
+        then
+            invalidOp "unreachable: sampleOutput with batch statistics"
+
+        let y = torch.empty_like x3
+        let px = Kernel.pointer x3
+        let py = Kernel.pointer y
+        let g, b = defaultArg gamma null, defaultArg beta null
+        let hasRow, hasSample = Array.contains 0 codes, Array.contains 1 codes
+        let sampleLen = c * s
+
+        Kernel.forRows n sampleLen (fun lo hi ->
+            // one sample's statistics, reused from sample to sample
+            let centre, mean, m2 = Array.zeroCreate c, Array.zeroCreate c, Array.zeroCreate c
+            let rowVar, mu, r = Array.zeroCreate c, Array.zeroCreate c, Array.zeroCreate c
+            let sampleMean, sampleVar = Array.zeroCreate 1, Array.zeroCreate 1
+
+            let means =
+                codes
+                |> Array.map (fun k ->
+                    match k with
+                    | 0 -> mean
+                    | 1 -> sampleMean
+                    | _ -> runMean)
+
+            let vars =
+                codes
+                |> Array.map (fun k ->
+                    match k with
+                    | 0 -> rowVar
+                    | 1 -> sampleVar
+                    | _ -> runVar)
+
+            for a in lo .. hi - 1 do
+                let xa = NativePtr.add px (a * sampleLen)
+                let ya = NativePtr.add py (a * sampleLen)
+                RowKernels.Stats(xa, s, centre, mean, m2, 0, c)
+
+                if hasSample then
+                    RowKernels.Pool(1, c, s, mean, m2, true, sampleMean, sampleVar) |> ignore
+
+                if hasRow then
+                    RowKernels.Scale(c, m2, 1.0 / float s, rowVar)
+
+                RowKernels.MixAll(1, c, codes.Length, codes, means, vars, wm, wv, mean, eps, mu, r)
+                RowKernels.Affine(xa, ya, c, s, centre, r, mu, g, b, 0, c))
+
+        y
 
     /// Gradients of Σ grad·y with respect to x (or null), weight, bias and both mixing-weight vectors.
     let backward (x3: torch.Tensor) (grad3: torch.Tensor) (sv: KernelSaved) =

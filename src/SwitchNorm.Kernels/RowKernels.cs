@@ -1,6 +1,9 @@
 using System;
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 [assembly: InternalsVisibleTo("SwitchNorm.FSharp")]
 
@@ -24,8 +27,14 @@ internal static unsafe class RowKernels
     /// centred sum, so no precision is lost to a common offset (no E[x²] − E[x]²).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void Stats(float* x, int s, float[] centre, double[] mean, double[] m2, int lo, int hi)
+    internal static void Stats(float* x, int s, double[] centre, double[] mean, double[] m2, int lo, int hi)
     {
+        if (s <= Block && Avx.IsSupported)
+        {
+            StatsShort(x, s, centre, mean, m2, lo, hi);
+            return;
+        }
+
         double inv = 1.0 / s;
 
         for (int i = lo; i < hi; i++)
@@ -40,27 +49,175 @@ internal static unsafe class RowKernels
     }
 
     /// <summary>
+    /// <see cref="Stats"/> for rows of at most one block, four rows at a time so that the rows' dependency chains
+    /// (a sum, its horizontal reduction, the centre, the centred sums) overlap instead of running one after another:
+    /// short rows are otherwise bound by latency, not by data. A row's result does not depend on its place in a group
+    /// of four (a group past <paramref name="hi"/> repeats the last row), so it is the same for any split into ranges.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void StatsShort(float* x, int s, double[] centre, double[] mean, double[] m2, int lo, int hi)
+    {
+        double inv = 1.0 / s;
+        var vinv = Vector256.Create(inv);
+        int body = s & ~7;
+
+        for (int i = lo; i < hi; i += 4)
+        {
+            float* p0 = x + (long)i * s;
+            float* p1 = x + (long)Math.Min(i + 1, hi - 1) * s;
+            float* p2 = x + (long)Math.Min(i + 2, hi - 1) * s;
+            float* p3 = x + (long)Math.Min(i + 3, hi - 1) * s;
+            var a0 = Vector256<float>.Zero;
+            var a1 = Vector256<float>.Zero;
+            var a2 = Vector256<float>.Zero;
+            var a3 = Vector256<float>.Zero;
+
+            for (int j = 0; j < body; j += 8)
+            {
+                a0 += Avx.LoadVector256(p0 + j);
+                a1 += Avx.LoadVector256(p1 + j);
+                a2 += Avx.LoadVector256(p2 + j);
+                a3 += Avx.LoadVector256(p3 + j);
+            }
+
+            var sums = Avx.ConvertToVector256Double(Sum4(a0, a1, a2, a3));
+
+            if (body < s)
+            {
+                double t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+
+                for (int j = body; j < s; j++)
+                {
+                    t0 += p0[j];
+                    t1 += p1[j];
+                    t2 += p2[j];
+                    t3 += p3[j];
+                }
+
+                sums += Vector256.Create(t0, t1, t2, t3);
+            }
+
+            var centres = Avx.ConvertToVector128Single(sums * vinv);
+            var vc = Avx.ConvertToVector256Double(centres);
+            var c0 = Vector256.Create(centres.GetElement(0));
+            var c1 = Vector256.Create(centres.GetElement(1));
+            var c2 = Vector256.Create(centres.GetElement(2));
+            var c3 = Vector256.Create(centres.GetElement(3));
+            var s10 = Vector256<float>.Zero;
+            var s11 = Vector256<float>.Zero;
+            var s12 = Vector256<float>.Zero;
+            var s13 = Vector256<float>.Zero;
+            var s20 = Vector256<float>.Zero;
+            var s21 = Vector256<float>.Zero;
+            var s22 = Vector256<float>.Zero;
+            var s23 = Vector256<float>.Zero;
+
+            for (int j = 0; j < body; j += 8)
+            {
+                var d0 = Avx.LoadVector256(p0 + j) - c0;
+                var d1 = Avx.LoadVector256(p1 + j) - c1;
+                var d2 = Avx.LoadVector256(p2 + j) - c2;
+                var d3 = Avx.LoadVector256(p3 + j) - c3;
+                s10 += d0;
+                s11 += d1;
+                s12 += d2;
+                s13 += d3;
+                s20 = MulAdd(d0, d0, s20);
+                s21 = MulAdd(d1, d1, s21);
+                s22 = MulAdd(d2, d2, s22);
+                s23 = MulAdd(d3, d3, s23);
+            }
+
+            var s1 = Avx.ConvertToVector256Double(Sum4(s10, s11, s12, s13));
+            var s2 = Avx.ConvertToVector256Double(Sum4(s20, s21, s22, s23));
+
+            if (body < s)
+            {
+                double u0 = 0, u1 = 0, u2 = 0, u3 = 0, v0 = 0, v1 = 0, v2 = 0, v3 = 0;
+                float e0 = centres.GetElement(0), e1 = centres.GetElement(1), e2 = centres.GetElement(2), e3 = centres.GetElement(3);
+
+                for (int j = body; j < s; j++)
+                {
+                    double d0 = p0[j] - e0, d1 = p1[j] - e1, d2 = p2[j] - e2, d3 = p3[j] - e3;
+                    u0 += d0;
+                    u1 += d1;
+                    u2 += d2;
+                    u3 += d3;
+                    v0 += d0 * d0;
+                    v1 += d1 * d1;
+                    v2 += d2 * d2;
+                    v3 += d3 * d3;
+                }
+
+                s1 += Vector256.Create(u0, u1, u2, u3);
+                s2 += Vector256.Create(v0, v1, v2, v3);
+            }
+
+            var vm = vc + s1 * vinv;
+            var vm2 = Vector256.Max(Vector256<double>.Zero, s2 - s1 * s1 * vinv);
+            if (i + 4 <= hi)
+            {
+                vc.StoreUnsafe(ref centre[i]);
+                vm.StoreUnsafe(ref mean[i]);
+                vm2.StoreUnsafe(ref m2[i]);
+            }
+            else
+            {
+                for (int r = 0; r < hi - i; r++)
+                {
+                    centre[i + r] = vc.GetElement(r);
+                    mean[i + r] = vm.GetElement(r);
+                    m2[i + r] = vm2.GetElement(r);
+                }
+            }
+        }
+    }
+
+    /// <summary>a·b + c, fused where the CPU has FMA (one rounding instead of two).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<float> MulAdd(Vector256<float> a, Vector256<float> b, Vector256<float> c) =>
+        Fma.IsSupported ? Fma.MultiplyAdd(a, b, c) : a * b + c;
+
+    /// <summary>The lane sums of four vectors: [Σa, Σb, Σc, Σd], the same reduction tree for each.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector128<float> Sum4(Vector256<float> a, Vector256<float> b, Vector256<float> c, Vector256<float> d)
+    {
+        var h = Avx.HorizontalAdd(Avx.HorizontalAdd(a, b), Avx.HorizontalAdd(c, d));
+        return h.GetLower() + h.GetUpper();
+    }
+
+    /// <summary>
     /// Per row i = n·C + c: y = (x − centre) · scale + shift, with scale = r·γ_c and shift = β_c + (centre − μ)·scale
     /// computed in float64 for the row (γ and β may be null: 1 and 0).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void Affine(
-        float* x, float* y, int c, int s, float[] centre, double[] r, double[] mu, double[]? gamma, double[]? beta, int lo, int hi)
+        float* x, float* y, int c, int s, double[] centre, double[] r, double[] mu, double[]? gamma, double[]? beta, int lo, int hi)
     {
         int w = Vector<float>.Count;
+        int ch = lo % c;
 
-        for (int i = lo; i < hi; i++)
+        for (int i = lo; i < hi; i++, ch = ch + 1 == c ? 0 : ch + 1)
         {
             float* px = x + (long)i * s;
             float* py = y + (long)i * s;
-            int ch = i % c;
             double scd = gamma is null ? r[i] : r[i] * gamma[ch];
             double shd = (beta is null ? 0.0 : beta[ch]) + (centre[i] - mu[i]) * scd;
-            float a = centre[i], sc = (float)scd, sh = (float)shd;
+            float a = (float)centre[i], sc = (float)scd, sh = (float)shd;
             var va = new Vector<float>(a);
             var vs = new Vector<float>(sc);
             var vb = new Vector<float>(sh);
             int j = 0;
+
+            if (Fma.IsSupported && w == 8)
+            {
+                var fa = Vector256.Create(a);
+                var fs = Vector256.Create(sc);
+                var fb = Vector256.Create(sh);
+
+                for (; j + 8 <= s; j += 8)
+                    Avx.Store(py + j, Fma.MultiplyAdd(Avx.LoadVector256(px + j) - fa, fs, fb));
+            }
 
             for (; j + w <= s; j += w)
                 Unsafe.WriteUnaligned(py + j, (Unsafe.ReadUnaligned<Vector<float>>(px + j) - va) * vs + vb);
@@ -72,7 +229,7 @@ internal static unsafe class RowKernels
 
     /// <summary>Per row: Σ g and Σ g · (x − centre).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void GradSums(float* g, float* x, int s, float[] centre, double[] sumG, double[] sumGx, int lo, int hi)
+    internal static void GradSums(float* g, float* x, int s, double[] centre, double[] sumG, double[] sumGx, int lo, int hi)
     {
         int w = Vector<float>.Count;
 
@@ -80,7 +237,7 @@ internal static unsafe class RowKernels
         {
             float* pg = g + (long)i * s;
             float* px = x + (long)i * s;
-            float a = centre[i];
+            float a = (float)centre[i];
             var va = new Vector<float>(a);
             double s1 = 0, s2 = 0;
             int j = 0;
@@ -117,7 +274,7 @@ internal static unsafe class RowKernels
 
     /// <summary>Per row: dx = p · g + q · (x − centre) + r.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void GradInput(float* g, float* x, float* dx, int s, float[] centre, double[] p, double[] q, double[] r, int lo, int hi)
+    internal static void GradInput(float* g, float* x, float* dx, int s, double[] centre, double[] p, double[] q, double[] r, int lo, int hi)
     {
         int w = Vector<float>.Count;
 
@@ -126,7 +283,7 @@ internal static unsafe class RowKernels
             float* pg = g + (long)i * s;
             float* px = x + (long)i * s;
             float* pd = dx + (long)i * s;
-            float a = centre[i], pi = (float)p[i], qi = (float)q[i], ri = (float)r[i];
+            float a = (float)centre[i], pi = (float)p[i], qi = (float)q[i], ri = (float)r[i];
             var va = new Vector<float>(a);
             var vp = new Vector<float>(pi);
             var vq = new Vector<float>(qi);
@@ -233,8 +390,10 @@ internal static unsafe class RowKernels
     }
 
     // The O(N·C) work between the passes, over rows i = n·C + c. A statistic is stored per group of its kind:
-    // kind 0 per row (N·C values), 1 per sample (N), 2 per channel (C). Loops are split by kind so no row pays
-    // for a branch or a division.
+    // kind 0 per row (N·C values), 1 per sample (N), 2 per channel (C). Every loop runs per sample over its C rows,
+    // vectorized across channels (Vector<double>), with the kind dispatched once per sample and statistic: seen by
+    // a sample's rows, a per-row statistic is the sample's slice, a per-channel one the whole array, and a per-sample
+    // one a constant (a scratch row filled with it).
 
     /// <summary>
     /// Pools per-row moments per sample (<paramref name="bySample"/>) or per channel by the law of total
@@ -246,74 +405,78 @@ internal static unsafe class RowKernels
     {
         int groups = bySample ? n : c;
         double k = bySample ? c : n;
-        Array.Clear(mean, 0, groups);
-        Array.Clear(var, 0, groups);
+        double inv = 1.0 / k, count = k * s, invCount = 1.0 / count;
 
-        double inv = 1.0 / k;
-
-        for (int a = 0; a < n; a++)
-            for (int b = 0; b < c; b++)
-                mean[bySample ? a : b] += rowMean[a * c + b] * inv;
-
-        for (int a = 0; a < n; a++)
-            for (int b = 0; b < c; b++)
+        if (bySample)
+        {
+            for (int a = 0; a < n; a++)
             {
-                int i = a * c + b, g = bySample ? a : b;
-                double d = rowMean[i] - mean[g];
-                var[g] += rowM2[i] + s * d * d;
+                var m = rowMean.AsSpan(a * c, c);
+                double g = Sum(m) * inv;
+                mean[a] = g;
+                var[a] = (Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) * invCount;
             }
+        }
+        else
+        {
+            var mg = mean.AsSpan(0, c);
+            var vg = var.AsSpan(0, c);
+            mg.Clear();
+            vg.Clear();
 
-        double count = k * s, invCount = 1.0 / count;
+            for (int a = 0; a < n; a++)
+                AddScaled(mg, rowMean.AsSpan(a * c, c), inv);
 
-        for (int g = 0; g < groups; g++)
-            var[g] *= invCount;
+            for (int a = 0; a < n; a++)
+                AddPooledSquares(vg, rowM2.AsSpan(a * c, c), rowMean.AsSpan(a * c, c), mg, s);
+
+            for (int g = 0; g < groups; g++)
+                var[g] *= invCount;
+        }
 
         return count;
     }
 
     /// <summary>
-    /// The mixture of every row in one pass: mu[i] = Σⱼ wmⱼ·(meanⱼ − rowMean[i]) + rowMean[i] and
-    /// r[i] = 1/sqrt(Σⱼ wvⱼ·varⱼ + eps), over the k statistics, each stored per group of its kind (0 per row,
-    /// 1 per sample, 2 per channel). The same sums, in the same order, as k Accumulate passes and FinishMixture.
+    /// The mixture of every row: mu[i] = Σⱼ wmⱼ·(meanⱼ − rowMean[i]) + rowMean[i] and r[i] = 1/sqrt(Σⱼ wvⱼ·varⱼ + eps),
+    /// over the k statistics, each stored per group of its kind (0 per row, 1 per sample, 2 per channel).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void MixAll(
         int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] wm, double[] wv, double[] rowMean,
         double eps, double[] mu, double[] r)
     {
+        var scratchM = new double[c];
+        var scratchV = new double[c];
+
         for (int a = 0; a < n; a++)
         {
-            int row0 = a * c;
+            var rm = rowMean.AsSpan(a * c, c);
+            var m = mu.AsSpan(a * c, c);
+            var v = r.AsSpan(a * c, c);
+            m.Clear();
+            v.Clear();
 
-            for (int b = 0; b < c; b++)
+            for (int j = 0; j < k; j++)
             {
-                int i = row0 + b;
-                double rm = rowMean[i], m = 0, v = 0;
-
-                for (int j = 0; j < k; j++)
-                {
-                    int kind = kinds[j];
-                    int g = kind == 0 ? i : kind == 1 ? a : b;
-                    m += wm[j] * (means[j][g] - rm);
-                    v += wv[j] * vars[j][g];
-                }
-
-                mu[i] = m + rm;
-                r[i] = 1.0 / Math.Sqrt(v + eps);
+                AddScaledDiff(m, Seen(kinds[j], means[j], a, c, scratchM), rm, wm[j]);
+                AddScaled(v, Seen(kinds[j], vars[j], a, c, scratchV), wv[j]);
             }
+
+            Add(m, rm);
+            InvSqrt(v, eps);
         }
     }
 
     /// <summary>
-    /// The backward's O(N·C) work in one pass over the rows: GradRows (gr, ∂L/∂μ, ∂L/∂σ², dGamma, dBeta), the
-    /// gradients of the k mixing weights (dwm[j] = Σ ∂L/∂μ·(meanⱼ − rowMean), dwv[j] = Σ ∂L/∂σ²·varⱼ) and the
-    /// per-sample and per-channel sums of ∂L/∂μ and ∂L/∂σ². The same sums, in the same order, as a pass computing
-    /// them per row followed by 2k projections and two per-group sums.
+    /// The backward's O(N·C) work: per row gr = r·γ, ∂L/∂μ = −gr·Σg and ∂L/∂σ² = −½·gr·r²·Σg(x − μ); dGamma and dBeta;
+    /// the gradients of the k mixing weights (dwm[j] = Σ ∂L/∂μ·(meanⱼ − rowMean), dwv[j] = Σ ∂L/∂σ²·varⱼ); and the
+    /// per-sample and per-channel sums of ∂L/∂μ and ∂L/∂σ².
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void GradMix(
         int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] rowMean,
-        double[] sumG, double[] sumGx, float[] centre, double[] mu, double[] r, double[]? gamma,
+        double[] sumG, double[] sumGx, double[] centre, double[] mu, double[] r, double[]? gamma,
         double[] gr, double[] dMu, double[] dVar, double[] dGamma, double[] dBeta, double[] dwm, double[] dwv,
         double[] muSample, double[] muChannel, double[] varSample, double[] varChannel)
     {
@@ -321,83 +484,320 @@ internal static unsafe class RowKernels
         Array.Clear(dBeta, 0, c);
         Array.Clear(dwm, 0, k);
         Array.Clear(dwv, 0, k);
-        Array.Clear(muSample, 0, n);
         Array.Clear(muChannel, 0, c);
-        Array.Clear(varSample, 0, n);
         Array.Clear(varChannel, 0, c);
+        var scratch = new double[c];
+        int w = Vector<double>.Count;
+        var half = new Vector<double>(-0.5);
 
         for (int a = 0; a < n; a++)
-            for (int b = 0; b < c; b++)
+        {
+            int row0 = a * c, b = 0;
+            var sm = Vector<double>.Zero;
+            var sv = Vector<double>.Zero;
+
+            for (; b + w <= c; b += w)
             {
-                int i = a * c + b;
-                double gm = gamma is null ? 1.0 : gamma[b];
+                int i = row0 + b;
+                var vr = new Vector<double>(r, i);
+                var vsg = new Vector<double>(sumG, i);
+                var sumGxMu = new Vector<double>(sumGx, i) + (new Vector<double>(centre, i) - new Vector<double>(mu, i)) * vsg;
+                var gri = gamma is null ? vr : vr * new Vector<double>(gamma, b);
+                var dm = -gri * vsg;
+                var dv = half * gri * vr * vr * sumGxMu;
+                gri.CopyTo(gr, i);
+                dm.CopyTo(dMu, i);
+                dv.CopyTo(dVar, i);
+                (new Vector<double>(dBeta, b) + vsg).CopyTo(dBeta, b);
+                (new Vector<double>(dGamma, b) + vr * sumGxMu).CopyTo(dGamma, b);
+                (new Vector<double>(muChannel, b) + dm).CopyTo(muChannel, b);
+                (new Vector<double>(varChannel, b) + dv).CopyTo(varChannel, b);
+                sm += dm;
+                sv += dv;
+            }
+
+            double tm = Vector.Sum(sm), tv = Vector.Sum(sv);
+
+            for (; b < c; b++)
+            {
+                int i = row0 + b;
                 double sumGxMu = sumGx[i] + (centre[i] - mu[i]) * sumG[i];
-                double gri = r[i] * gm;
-                gr[i] = gri;
-                dBeta[b] += sumG[i];
-                dGamma[b] += r[i] * sumGxMu;
+                double gri = gamma is null ? r[i] : r[i] * gamma[b];
                 double dm = -gri * sumG[i];
                 double dv = -0.5 * gri * r[i] * r[i] * sumGxMu;
+                gr[i] = gri;
                 dMu[i] = dm;
                 dVar[i] = dv;
-
-                for (int j = 0; j < k; j++)
-                {
-                    int kind = kinds[j];
-                    int g = kind == 0 ? i : kind == 1 ? a : b;
-                    dwm[j] += dm * (means[j][g] - rowMean[i]);
-                    dwv[j] += dv * vars[j][g];
-                }
-
-                muSample[a] += dm;
+                dBeta[b] += sumG[i];
+                dGamma[b] += r[i] * sumGxMu;
                 muChannel[b] += dm;
-                varSample[a] += dv;
                 varChannel[b] += dv;
+                tm += dm;
+                tv += dv;
             }
+
+            muSample[a] = tm;
+            varSample[a] = tv;
+
+            var rm = rowMean.AsSpan(row0, c);
+            var dmRow = dMu.AsSpan(row0, c);
+            var dvRow = dVar.AsSpan(row0, c);
+
+            for (int j = 0; j < k; j++)
+            {
+                dwm[j] += DotDiff(dmRow, Seen(kinds[j], means[j], a, c, scratch), rm);
+                dwv[j] += Dot(dvRow, Seen(kinds[j], vars[j], a, c, scratch));
+            }
+        }
     }
 
     /// <summary>
-    /// The per-row coefficients of dx = gr·g + q·(x − centre) + c0 in one pass: each live statistic j passes its
-    /// gradient on as a mean (wmⱼ·dm/countⱼ per value) and a biased variance (2·wvⱼ·dv·(x − meanⱼ)/countⱼ), where dm
-    /// and dv are the gradients reaching it (per row, per sample or per channel). The same sums, in the same order, as
-    /// one pass per statistic.
+    /// The per-row coefficients of dx = gr·g + q·(x − centre) + c0: each live statistic j passes its gradient on as a
+    /// mean (wmⱼ·dm/countⱼ per value) and a biased variance (2·wvⱼ·dv·(x − meanⱼ)/countⱼ), where dm and dv are the
+    /// gradients reaching it (per row, per sample or per channel).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void InputCoefficients(
         int n, int c, int k, int[] kinds, bool[] live, double[] counts, double[] wm, double[] wv, double[][] means,
         double[] dMu, double[] dVar, double[] muSample, double[] muChannel, double[] varSample, double[] varChannel,
-        float[] centre, double[] q, double[] c0)
+        double[] centre, double[] q, double[] c0)
     {
-        Span<double> fv = stackalloc double[k], fm = stackalloc double[k];
-
-        for (int j = 0; j < k; j++)
-        {
-            fv[j] = 2.0 * wv[j] / counts[j];
-            fm[j] = wm[j] / counts[j];
-        }
+        var s1 = new double[c];
+        var s2 = new double[c];
+        var s3 = new double[c];
 
         for (int a = 0; a < n; a++)
-            for (int b = 0; b < c; b++)
+        {
+            int row0 = a * c;
+            var qRow = q.AsSpan(row0, c);
+            var cRow = c0.AsSpan(row0, c);
+            var centreRow = centre.AsSpan(row0, c);
+            qRow.Clear();
+            cRow.Clear();
+
+            for (int j = 0; j < k; j++)
             {
-                int i = a * c + b;
-                double qi = 0, ci = 0;
+                if (!live[j])
+                    continue;
 
-                for (int j = 0; j < k; j++)
-                {
-                    if (!live[j])
-                        continue;
-                    int kind = kinds[j];
-                    int g = kind == 0 ? i : kind == 1 ? a : b;
-                    double dm = kind == 0 ? dMu[i] : kind == 1 ? muSample[a] : muChannel[b];
-                    double dv = kind == 0 ? dVar[i] : kind == 1 ? varSample[a] : varChannel[b];
-                    double dvq = fv[j] * dv;
-                    qi += dvq;
-                    ci += fm[j] * dm + dvq * (centre[i] - means[j][g]);
-                }
-
-                q[i] = qi;
-                c0[i] = ci;
+                // the gradients reaching statistic j, as seen by this sample's rows
+                int kind = kinds[j];
+                var dm = kind == 0 ? dMu.AsSpan(row0, c) : kind == 1 ? Filled(s1, muSample[a]) : muChannel.AsSpan(0, c);
+                var dv = kind == 0 ? dVar.AsSpan(row0, c) : kind == 1 ? Filled(s2, varSample[a]) : varChannel.AsSpan(0, c);
+                Coefficients(qRow, cRow, dm, dv, centreRow, Seen(kind, means[j], a, c, s3), 2.0 * wv[j] / counts[j], wm[j] / counts[j]);
             }
+        }
+    }
+
+    /// <summary>A statistic stored per group of its kind, as seen by the C rows of sample a.</summary>
+    private static Span<double> Seen(int kind, double[] stat, int a, int c, double[] scratch) =>
+        kind switch
+        {
+            0 => stat.AsSpan(a * c, c),
+            1 => Filled(scratch, stat[a]),
+            _ => stat.AsSpan(0, c),
+        };
+
+    private static Span<double> Filled(double[] scratch, double value)
+    {
+        scratch.AsSpan().Fill(value);
+        return scratch;
+    }
+
+    // Element-wise helpers over spans of equal length: a vectorized body and a scalar tail doing the same operations.
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static double Sum(ReadOnlySpan<double> x)
+    {
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x);
+        var acc = Vector<double>.Zero;
+
+        for (int v = 0; v < vx.Length; v++)
+            acc += vx[v];
+
+        double t = Vector.Sum(acc);
+
+        for (int i = vx.Length * Vector<double>.Count; i < x.Length; i++)
+            t += x[i];
+
+        return t;
+    }
+
+    /// <summary>Σ (x − g)².</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static double SumSquaredDiff(ReadOnlySpan<double> x, double g)
+    {
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x);
+        var vg = new Vector<double>(g);
+        var acc = Vector<double>.Zero;
+
+        for (int v = 0; v < vx.Length; v++)
+        {
+            var d = vx[v] - vg;
+            acc += d * d;
+        }
+
+        double t = Vector.Sum(acc);
+
+        for (int i = vx.Length * Vector<double>.Count; i < x.Length; i++)
+        {
+            double d = x[i] - g;
+            t += d * d;
+        }
+
+        return t;
+    }
+
+    /// <summary>Σ d·x.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static double Dot(ReadOnlySpan<double> d, ReadOnlySpan<double> x)
+    {
+        var vd = MemoryMarshal.Cast<double, Vector<double>>(d);
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x[..d.Length]);
+        var acc = Vector<double>.Zero;
+
+        for (int v = 0; v < vd.Length; v++)
+            acc += vd[v] * vx[v];
+
+        double t = Vector.Sum(acc);
+
+        for (int i = vd.Length * Vector<double>.Count; i < d.Length; i++)
+            t += d[i] * x[i];
+
+        return t;
+    }
+
+    /// <summary>Σ d·(x − y).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static double DotDiff(ReadOnlySpan<double> d, ReadOnlySpan<double> x, ReadOnlySpan<double> y)
+    {
+        var vd = MemoryMarshal.Cast<double, Vector<double>>(d);
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x[..d.Length]);
+        var vy = MemoryMarshal.Cast<double, Vector<double>>(y[..d.Length]);
+        var acc = Vector<double>.Zero;
+
+        for (int v = 0; v < vd.Length; v++)
+            acc += vd[v] * (vx[v] - vy[v]);
+
+        double t = Vector.Sum(acc);
+
+        for (int i = vd.Length * Vector<double>.Count; i < d.Length; i++)
+            t += d[i] * (x[i] - y[i]);
+
+        return t;
+    }
+
+    /// <summary>acc += x.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Add(Span<double> acc, ReadOnlySpan<double> x)
+    {
+        var va = MemoryMarshal.Cast<double, Vector<double>>(acc);
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x[..acc.Length]);
+
+        for (int v = 0; v < va.Length; v++)
+            va[v] += vx[v];
+
+        for (int i = va.Length * Vector<double>.Count; i < acc.Length; i++)
+            acc[i] += x[i];
+    }
+
+    /// <summary>acc += f·x.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void AddScaled(Span<double> acc, ReadOnlySpan<double> x, double f)
+    {
+        var va = MemoryMarshal.Cast<double, Vector<double>>(acc);
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x[..acc.Length]);
+        var vf = new Vector<double>(f);
+
+        for (int v = 0; v < va.Length; v++)
+            va[v] += vf * vx[v];
+
+        for (int i = va.Length * Vector<double>.Count; i < acc.Length; i++)
+            acc[i] += f * x[i];
+    }
+
+    /// <summary>acc += f·(x − y).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void AddScaledDiff(Span<double> acc, ReadOnlySpan<double> x, ReadOnlySpan<double> y, double f)
+    {
+        var va = MemoryMarshal.Cast<double, Vector<double>>(acc);
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x[..acc.Length]);
+        var vy = MemoryMarshal.Cast<double, Vector<double>>(y[..acc.Length]);
+        var vf = new Vector<double>(f);
+
+        for (int v = 0; v < va.Length; v++)
+            va[v] += vf * (vx[v] - vy[v]);
+
+        for (int i = va.Length * Vector<double>.Count; i < acc.Length; i++)
+            acc[i] += f * (x[i] - y[i]);
+    }
+
+    /// <summary>acc += m2 + s·(mean − pooled)², the law of total variance per channel.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void AddPooledSquares(Span<double> acc, ReadOnlySpan<double> m2, ReadOnlySpan<double> mean, ReadOnlySpan<double> pooled, int s)
+    {
+        var va = MemoryMarshal.Cast<double, Vector<double>>(acc);
+        var v2 = MemoryMarshal.Cast<double, Vector<double>>(m2[..acc.Length]);
+        var vm = MemoryMarshal.Cast<double, Vector<double>>(mean[..acc.Length]);
+        var vp = MemoryMarshal.Cast<double, Vector<double>>(pooled[..acc.Length]);
+        var vs = new Vector<double>((double)s);
+
+        for (int v = 0; v < va.Length; v++)
+        {
+            var d = vm[v] - vp[v];
+            va[v] += v2[v] + vs * d * d;
+        }
+
+        for (int i = va.Length * Vector<double>.Count; i < acc.Length; i++)
+        {
+            double d = mean[i] - pooled[i];
+            acc[i] += m2[i] + s * d * d;
+        }
+    }
+
+    /// <summary>v = 1/sqrt(v + eps).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void InvSqrt(Span<double> v, double eps)
+    {
+        var vv = MemoryMarshal.Cast<double, Vector<double>>(v);
+        var ve = new Vector<double>(eps);
+
+        for (int j = 0; j < vv.Length; j++)
+            vv[j] = Vector<double>.One / Vector.SquareRoot(vv[j] + ve);
+
+        for (int i = vv.Length * Vector<double>.Count; i < v.Length; i++)
+            v[i] = 1.0 / Math.Sqrt(v[i] + eps);
+    }
+
+    /// <summary>q += fv·dv and c0 += fm·dm + fv·dv·(centre − mean).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Coefficients(
+        Span<double> q, Span<double> c0, ReadOnlySpan<double> dm, ReadOnlySpan<double> dv, ReadOnlySpan<double> centre,
+        ReadOnlySpan<double> mean, double fv, double fm)
+    {
+        int len = q.Length;
+        var vq = MemoryMarshal.Cast<double, Vector<double>>(q);
+        var vc = MemoryMarshal.Cast<double, Vector<double>>(c0);
+        var vdm = MemoryMarshal.Cast<double, Vector<double>>(dm[..len]);
+        var vdv = MemoryMarshal.Cast<double, Vector<double>>(dv[..len]);
+        var vce = MemoryMarshal.Cast<double, Vector<double>>(centre[..len]);
+        var vme = MemoryMarshal.Cast<double, Vector<double>>(mean[..len]);
+        var ffv = new Vector<double>(fv);
+        var ffm = new Vector<double>(fm);
+
+        for (int v = 0; v < vq.Length; v++)
+        {
+            var dvq = ffv * vdv[v];
+            vq[v] += dvq;
+            vc[v] += ffm * vdm[v] + dvq * (vce[v] - vme[v]);
+        }
+
+        for (int i = vq.Length * Vector<double>.Count; i < len; i++)
+        {
+            double dvq = fv * dv[i];
+            q[i] += dvq;
+            c0[i] += fm * dm[i] + dvq * (centre[i] - mean[i]);
+        }
     }
 
     /// <summary>dst[i] = src[i] · factor for i &lt; n.</summary>

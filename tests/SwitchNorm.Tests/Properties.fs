@@ -145,6 +145,9 @@ module XunitRunner =
     let ``agrees with the float64 array reference, float32`` c = referenceAgreement f32 c
 
     [<Property>]
+    let ``no-graph sample-by-sample output equals the whole-batch path`` c = sampleBySampleEqualsWholeBatch c
+
+    [<Property>]
     let ``gradients agree with finite differences of the reference`` c = referenceGradients c
 
     [<Property>]
@@ -223,6 +226,7 @@ module ExpectoRunner =
             testPropertyWithConfig config "fused equals composed, float32" (fusedEqualsComposed f32)
             testPropertyWithConfig config "agrees with the float64 array reference, float64" (referenceAgreement f64)
             testPropertyWithConfig config "agrees with the float64 array reference, float32" (referenceAgreement f32)
+            testPropertyWithConfig config "no-graph sample-by-sample output equals the whole-batch path" sampleBySampleEqualsWholeBatch
             testPropertyWithConfig config "gradients agree with finite differences of the reference" referenceGradients
             testPropertyWithConfig config "one-component outputs are normalized per group" normalizedSlices
             testPropertyWithConfig config "scaling the input equals dividing eps by s squared" scalingIsEps

@@ -342,6 +342,32 @@ let referenceAgreement (dtype: torch.ScalarType) (c: Case) =
         let _, mixingError2 = referenceBounds c x2 (Some(m.running_var.to_type f64))
         assertClose "eval output vs reference" (tol dtype + mixingError2) (y2.reshape (-1L)) (torch.tensor (yRef2, dtype = f64))
 
+/// Without a graph, when no statistic spans samples (eval with running statistics, or no BN), the float32 layer
+/// normalizes sample by sample while each sample is in cache; its output is bitwise that of the whole-batch
+/// kernel path, which a graph takes (and which the properties above compare with the references).
+let sampleBySampleEqualsWholeBatch (c: Case) =
+    let m = moduleFor c f32 true
+    // one training step, so the running statistics are not the initial ones
+    m.forward ((input c 1).to_type f32) |> ignore
+    let x = (input c 2).to_type f32
+
+    let check what =
+        let whole = (m.forward (x.detach().requires_grad_ true)).detach ()
+
+        let bySample =
+            use _ = torch.no_grad ()
+            m.forward x
+
+        if not (exactEq bySample whole) then
+            failwith $"{what}: the no-graph output differs from the whole-batch path by {maxAbsDiff bySample whole}"
+
+    m.eval () |> ignore
+    check "eval"
+
+    if not c.UsingBn then
+        m.train () |> ignore
+        check "training without BN"
+
 /// Gradients of sum(y · g) for weight, bias and both logit vectors, and for three input coordinates, agree with
 /// central differences of the float64 array reference within 1e-5 relative, with steps chosen so the quotient's
 /// truncation and rounding errors both stay far below that: h = 1e-4 for the O(1) parameters, and for inputs

@@ -14,6 +14,8 @@ MUTANTS = {
         (F + "Moments.fs", "let variance (m: Moments) = m.M2 / m.Count", "let variance (m: Moments) = m.M2 / (m.Count - 1.0)"),
         (F + "Kernel.fs", "RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)", "RowKernels.Scale(v.Length, st.M2, 1.0 / float (st.S - 1), v)"),
         (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
+        (K, "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) * invCount;", "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) / (count - 1);"),
+        (F + "Kernel.fs", "RowKernels.Scale(c, m2, 1.0 / float s, rowVar)", "RowKernels.Scale(c, m2, 1.0 / float (s - 1), rowVar)"),
         (F + "Sync.fs", "let varG = m2 |> Array.map (fun v -> v / total)", "let varG = m2 |> Array.map (fun v -> v / (total - 1.0))"),
         (F + "Sync.fs", "let varG = ((m2 / total).to_type cd)", "let varG = ((m2 / (total - 1.0)).to_type cd)"),
     ],
@@ -36,12 +38,14 @@ MUTANTS = {
     ],
     # 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps).
     "eps-outside-sqrt": [
-        (K, "r[i] = 1.0 / Math.Sqrt(v + eps);", "r[i] = 1.0 / (Math.Sqrt(v) + eps);"),
+        (K, "v[i] = 1.0 / Math.Sqrt(v[i] + eps);", "v[i] = 1.0 / (Math.Sqrt(v[i]) + eps);"),
+        (K, "vv[j] = Vector<double>.One / Vector.SquareRoot(vv[j] + ve);", "vv[j] = Vector<double>.One / (Vector.SquareRoot(vv[j]) + ve);"),
         (F + "Functional.fs", "let invStd = ((var + spec.Eps).rsqrt ())", "let invStd = ((var.sqrt () + spec.Eps).reciprocal ())"),
         (F + "Fused.fs", "use varEps = var + st.Eps", "use varEps = (var.sqrt () + st.Eps).square ()"),
     ],
     # M2 = Σx² − n·mean² (accumulated in the input's precision) instead of the centred two-pass sum.
     "naive-variance": [
+        (K, "var centres = Avx.ConvertToVector128Single(sums * vinv);", "var centres = Vector128<float>.Zero;"),
         (K, "Centred(p, s, a, out double s1, out double s2);",
          "double s1 = 0; float sq = 0; for (int j = 0; j < s; j++) sq += p[j] * p[j]; double s2 = sq - (double)s * a * a;"),
         (F + "Fused.fs", "mean.squeeze 2L, centred, norm.square ()",
