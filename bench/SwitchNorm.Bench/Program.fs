@@ -14,21 +14,6 @@ let median (xs: float list) =
     let a = List.sort xs |> Array.ofList
     a[a.Length / 2]
 
-/// Median wall time in ms of f over `reps` runs, after `warm` warm-up runs; each run in its own dispose scope.
-let time (warm: int) (reps: int) (f: unit -> unit) =
-    for _ in 1..warm do
-        use _ = torch.NewDisposeScope()
-        f ()
-
-    [
-        for _ in 1..reps ->
-            use _ = torch.NewDisposeScope()
-            let sw = Stopwatch.StartNew()
-            f ()
-            sw.Elapsed.TotalMilliseconds
-    ]
-    |> median
-
 /// Runs every code path enough times for .NET's tiered JIT to promote it to optimized code, so the timings
 /// below measure the steady state of a training loop rather than the first calls.
 let warmUp () =
@@ -49,11 +34,11 @@ let warmUp () =
     Threading.Thread.Sleep 500
 
 /// A loop of calls, for a profiler (perf with DOTNET_PerfMapEnabled=1): where the time per call goes.
-/// Usage: --overhead-loop eval|train [N,C,H,W]. Prints the time per call of SwitchNorm2d and, for comparison, of
+/// Usage: --overhead-loop eval|train [N,C,H,W] [--threads T] (default 1). Prints the time per call of SwitchNorm2d and, for comparison, of
 /// BatchNorm2d on the same input (after a warm-up of a tenth of the iterations): on a tiny input this is the fixed
 /// cost per call, the checks and bookkeeping around the passes.
-let overheadLoop (mode: string) (shape: int64[]) (iterations: int) =
-    torch.set_num_threads 1
+let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int) =
+    torch.set_num_threads threads
     let x = torch.randn shape
     let sn = new SwitchNorm2d(shape[1])
     let bn = torch.nn.BatchNorm2d(shape[1])
@@ -76,12 +61,13 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) =
         run m iterations
 
         printfn
-            "%s %s %s: %.1f us per call (%d calls, 1 thread)"
+            "%s %s %s: %.1f us per call (%d calls, %d thread(s))"
             name
             mode
             (Checks.shapeText shape)
             (sw.Elapsed.TotalMilliseconds * 1000.0 / float iterations)
             iterations
+            threads
 
 [<EntryPoint>]
 let main argv =
@@ -91,10 +77,15 @@ let main argv =
     | Some i ->
         let mode = if argv.Length > i + 1 then argv[i + 1] else "eval"
 
-        if argv.Length > i + 2 then
-            overheadLoop mode (argv[i + 2].Split ',' |> Array.map int64) 20000
+        let threads =
+            match Array.tryFindIndex ((=) "--threads") argv with
+            | Some t -> int argv[t + 1]
+            | None -> 1
+
+        if argv.Length > i + 2 && not (argv[i + 2].StartsWith "--") then
+            overheadLoop mode (argv[i + 2].Split ',' |> Array.map int64) 20000 threads
         else
-            overheadLoop mode [| 2L; 4L; 2L; 2L |] 200000
+            overheadLoop mode [| 2L; 4L; 2L; 2L |] 200000 threads
 
         exit 0
     | None -> ()
@@ -116,7 +107,7 @@ let main argv =
     warmUp ()
 
     printfn
-        "date %s, float32, CPU (%d logical cores), median of %d runs after warm-up; ratios are to BatchNorm2d in the same run"
+        "date %s, float32, CPU (%d logical cores), median of %d repetitions after warm-up (a repetition times each subject over about 2 ms of calls); × BN is the median of the ratios to BatchNorm2d within each repetition"
         (DateTime.UtcNow.ToString "yyyy-MM-dd")
         Environment.ProcessorCount
         reps
@@ -173,33 +164,48 @@ let main argv =
                 m.forward x |> ignore
 
             // Subjects take turns within each repetition, so a burst of load on this shared machine hits all of
-            // them alike and the ratios stay meaningful; medians over the repetitions.
+            // them alike. A sample times enough calls to last about 2 ms (counted after the warm-up), so short calls
+            // are not single timer readings; each call has its own dispose scope. Per subject: the samples (ms per
+            // call) of every repetition, in order, for medians and for ratios paired within a repetition.
             let interleaved (fs: (unit -> unit) list) =
+                let call (f: unit -> unit) =
+                    use _ = torch.NewDisposeScope()
+                    f ()
+
                 for _ in 1..warm do
                     for f in fs do
-                        use _ = torch.NewDisposeScope()
-                        f ()
+                        call f
+
+                let counts =
+                    fs
+                    |> List.map (fun f ->
+                        let sw = Stopwatch.StartNew()
+                        call f
+                        max 1 (int (ceil (2.0 / max 1e-3 sw.Elapsed.TotalMilliseconds))))
 
                 let samples = fs |> List.map (fun _ -> ResizeArray<float>())
 
                 for _ in 1..reps do
-                    for (f, acc) in List.zip fs samples do
-                        use _ = torch.NewDisposeScope()
+                    for ((f, n), acc) in List.zip (List.zip fs counts) samples do
                         let sw = Stopwatch.StartNew()
-                        f ()
-                        acc.Add sw.Elapsed.TotalMilliseconds
 
-                samples |> List.map (List.ofSeq >> median)
+                        for _ in 1..n do
+                            call f
 
-            let copy =
-                (interleaved [
-                    fun () -> x.clone () |> ignore
-                ])
-                    .Head
+                        acc.Add(sw.Elapsed.TotalMilliseconds / float n)
+
+                samples |> List.map List.ofSeq
+
+            /// The median of the per-repetition ratios a/b: both timed within the same repetition.
+            let pairedRatio (a: float list) (b: float list) = List.map2 (/) a b |> median
 
             let modules = subjects |> List.map snd
             let steps = interleaved (modules |> List.map trainStep)
-            let fwds = interleaved (modules |> List.map trainForward)
+            // the copy takes its turn with the forwards, for the eval ÷ copy ratio
+            let fwdsAndCopy =
+                interleaved ((fun () -> x.clone () |> ignore) :: (modules |> List.map trainForward))
+
+            let copy, fwds = fwdsAndCopy.Head, fwdsAndCopy.Tail
             let evals = interleaved (modules |> List.map evalForward)
             let bnStep, bnFwd, bnEval = steps.Head, fwds.Head, evals.Head
 
@@ -209,14 +215,14 @@ let main argv =
                     threads
                     shapeText
                     name
-                    step
-                    (step / bnStep)
-                    fwd
-                    (fwd / bnFwd)
-                    ev
-                    (ev / bnEval)
-                    (ev / copy)
+                    (median step)
+                    (pairedRatio step bnStep)
+                    (median fwd)
+                    (pairedRatio fwd bnFwd)
+                    (median ev)
+                    (pairedRatio ev bnEval)
+                    (median ev / median copy)
 
-            printfn "| %d | %s | copy (x.clone) | | | %.3f | | | | |" threads shapeText copy
+            printfn "| %d | %s | copy (x.clone) | | | %.3f | | | | |" threads shapeText (median copy)
 
     0
