@@ -290,30 +290,14 @@ module internal KernelNorm =
         let px = Kernel.pointer x3
         let py = Kernel.pointer y
         let g, b = defaultArg gamma null, defaultArg beta null
-        let hasRow, hasSample = Array.contains 0 codes, Array.contains 1 codes
+        let hasSample = Array.contains 1 codes
         let sampleLen = c * s
 
         Kernel.forRows n sampleLen (fun lo hi ->
             // one sample's statistics, reused from sample to sample
             let centre, mean, m2 = Array.zeroCreate c, Array.zeroCreate c, Array.zeroCreate c
-            let rowVar, mu, r = Array.zeroCreate c, Array.zeroCreate c, Array.zeroCreate c
+            let mu, r = Array.zeroCreate c, Array.zeroCreate c
             let sampleMean, sampleVar = Array.zeroCreate 1, Array.zeroCreate 1
-
-            let means =
-                codes
-                |> Array.map (fun k ->
-                    match k with
-                    | 0 -> mean
-                    | 1 -> sampleMean
-                    | _ -> runMean)
-
-            let vars =
-                codes
-                |> Array.map (fun k ->
-                    match k with
-                    | 0 -> rowVar
-                    | 1 -> sampleVar
-                    | _ -> runVar)
 
             for a in lo .. hi - 1 do
                 let xa = NativePtr.add px (a * sampleLen)
@@ -323,10 +307,24 @@ module internal KernelNorm =
                 if hasSample then
                     RowKernels.Pool(1, c, s, mean, m2, true, sampleMean, sampleVar) |> ignore
 
-                if hasRow then
-                    RowKernels.Scale(c, m2, 1.0 / float s, rowVar)
+                RowKernels.MixSample(
+                    c,
+                    codes.Length,
+                    codes,
+                    mean,
+                    m2,
+                    1.0 / float s,
+                    sampleMean[0],
+                    sampleVar[0],
+                    runMean,
+                    runVar,
+                    wm,
+                    wv,
+                    eps,
+                    mu,
+                    r
+                )
 
-                RowKernels.MixAll(1, c, codes.Length, codes, means, vars, wm, wv, mean, eps, mu, r)
                 RowKernels.Affine(xa, ya, c, s, centre, r, mu, g, b, 0, c))
 
         y

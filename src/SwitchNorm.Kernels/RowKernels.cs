@@ -469,6 +469,75 @@ internal static unsafe class RowKernels
     }
 
     /// <summary>
+    /// The mixture of one sample's c rows in one pass, without intermediate arrays: kind 0 is the row's own statistic
+    /// (its mean and M2·invS), kind 1 the sample's (<paramref name="sampleMean"/>, <paramref name="sampleVar"/>), kind 2
+    /// a per-channel one (<paramref name="channelMean"/>, <paramref name="channelVar"/>). The same operations, in the
+    /// same order, as Scale and MixAll, so the results are bitwise theirs.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void MixSample(
+        int c, int k, int[] kinds, double[] rowMean, double[] rowM2, double invS, double sampleMean, double sampleVar,
+        double[]? channelMean, double[]? channelVar, double[] wm, double[] wv, double eps, double[] mu, double[] r)
+    {
+        int w = Vector<double>.Count, b = 0;
+        var vInvS = new Vector<double>(invS);
+        var vSampleMean = new Vector<double>(sampleMean);
+        var vSampleVar = new Vector<double>(sampleVar);
+        var ve = new Vector<double>(eps);
+
+        for (; b + w <= c; b += w)
+        {
+            var rm = new Vector<double>(rowMean, b);
+            var m = Vector<double>.Zero;
+            var v = Vector<double>.Zero;
+
+            for (int j = 0; j < k; j++)
+            {
+                Vector<double> mean, var;
+
+                switch (kinds[j])
+                {
+                    case 0:
+                        mean = rm;
+                        var = new Vector<double>(rowM2, b) * vInvS;
+                        break;
+                    case 1:
+                        mean = vSampleMean;
+                        var = vSampleVar;
+                        break;
+                    default:
+                        mean = new Vector<double>(channelMean!, b);
+                        var = new Vector<double>(channelVar!, b);
+                        break;
+                }
+
+                m += new Vector<double>(wm[j]) * (mean - rm);
+                v += new Vector<double>(wv[j]) * var;
+            }
+
+            (m + rm).CopyTo(mu, b);
+            (Vector<double>.One / Vector.SquareRoot(v + ve)).CopyTo(r, b);
+        }
+
+        for (; b < c; b++)
+        {
+            double rm = rowMean[b], m = 0, v = 0;
+
+            for (int j = 0; j < k; j++)
+            {
+                int kind = kinds[j];
+                double mean = kind == 0 ? rm : kind == 1 ? sampleMean : channelMean![b];
+                double var = kind == 0 ? rowM2[b] * invS : kind == 1 ? sampleVar : channelVar![b];
+                m += wm[j] * (mean - rm);
+                v += wv[j] * var;
+            }
+
+            mu[b] = m + rm;
+            r[b] = 1.0 / Math.Sqrt(v + eps);
+        }
+    }
+
+    /// <summary>
     /// The backward's O(N·C) work: per row gr = r·γ, ∂L/∂μ = −gr·Σg and ∂L/∂σ² = −½·gr·r²·Σg(x − μ); dGamma and dBeta;
     /// the gradients of the k mixing weights (dwm[j] = Σ ∂L/∂μ·(meanⱼ − rowMean), dwv[j] = Σ ∂L/∂σ²·varⱼ); and the
     /// per-sample and per-channel sums of ∂L/∂μ and ∂L/∂σ².

@@ -15,7 +15,7 @@ MUTANTS = {
         (F + "Kernel.fs", "RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)", "RowKernels.Scale(v.Length, st.M2, 1.0 / float (st.S - 1), v)"),
         (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
         (K, "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) * invCount;", "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) / (count - 1);"),
-        (F + "Kernel.fs", "RowKernels.Scale(c, m2, 1.0 / float s, rowVar)", "RowKernels.Scale(c, m2, 1.0 / float (s - 1), rowVar)"),
+        (F + "Kernel.fs", "1.0 / float s,\n", "1.0 / float (s - 1),\n"),
         (F + "Sync.fs", "let varG = m2 |> Array.map (fun v -> v / total)", "let varG = m2 |> Array.map (fun v -> v / (total - 1.0))"),
         (F + "Sync.fs", "let varG = ((m2 / total).to_type cd)", "let varG = ((m2 / (total - 1.0)).to_type cd)"),
     ],
@@ -40,6 +40,8 @@ MUTANTS = {
     "eps-outside-sqrt": [
         (K, "v[i] = 1.0 / Math.Sqrt(v[i] + eps);", "v[i] = 1.0 / (Math.Sqrt(v[i]) + eps);"),
         (K, "vv[j] = Vector<double>.One / Vector.SquareRoot(vv[j] + ve);", "vv[j] = Vector<double>.One / (Vector.SquareRoot(vv[j]) + ve);"),
+        (K, "(Vector<double>.One / Vector.SquareRoot(v + ve)).CopyTo(r, b);", "(Vector<double>.One / (Vector.SquareRoot(v) + ve)).CopyTo(r, b);"),
+        (K, "r[b] = 1.0 / Math.Sqrt(v + eps);", "r[b] = 1.0 / (Math.Sqrt(v) + eps);"),
         (F + "Functional.fs", "let invStd = ((var + spec.Eps).rsqrt ())", "let invStd = ((var.sqrt () + spec.Eps).reciprocal ())"),
         (F + "Fused.fs", "use varEps = var + st.Eps", "use varEps = (var.sqrt () + st.Eps).square ()"),
     ],
