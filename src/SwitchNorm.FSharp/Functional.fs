@@ -168,8 +168,7 @@ module Functional =
 
         let blend (old: torch.Tensor) (b: float[]) =
             let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b
-
-            torch.tensor(v, dtype = torch.ScalarType.Float64).to_type(old.dtype).``to``(old.device).MoveToOuterDisposeScope()
+            (KernelNorm.tensorLike old v).MoveToOuterDisposeScope()
 
         {
             Mean = blend r.Mean mean
@@ -230,9 +229,11 @@ module Functional =
             y
 
     /// The functional normalizer; with checkTensors false, the dtype and device checks of every tensor are skipped
-    /// (the module has made them).
+    /// (the module has made them); with wantMoments false, BatchMoments is None (the module only needs the batch's
+    /// moments when it recalibrates, and building them costs tensor allocations on every training call).
     let internal forwardCore
         (checkTensors: bool)
+        (wantMoments: bool)
         (layer: string)
         (spec: NormSpec)
         (p: NormParams)
@@ -379,6 +380,7 @@ module Functional =
 
                 let bnMoments =
                     batch
+                    |> Option.filter (fun _ -> wantMoments)
                     |> Option.map (fun (count, mean, var) ->
                         let asTensor (a: float[]) =
                             torch.tensor(Array.map float32 a).view (1L, -1L)
@@ -463,6 +465,7 @@ module Functional =
 
         let batchMoments =
             bnMoments
+            |> Option.filter (fun _ -> wantMoments)
             |> Option.map (fun b ->
                 let d = Moments.detach b
 
@@ -504,4 +507,4 @@ module Functional =
         (training: bool)
         (x: torch.Tensor)
         : NormResult =
-        forwardCore true layer spec p running training x
+        forwardCore true true layer spec p running training x

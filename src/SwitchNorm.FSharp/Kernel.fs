@@ -114,6 +114,25 @@ module internal KernelNorm =
             use d = t.detach().to_type(torch.ScalarType.Float64).cpu().contiguous ()
             MemoryMarshal.Cast<byte, float>(d.bytes).ToArray()
 
+    /// A CPU tensor of the given dtype holding the float64 values v, made directly when the dtype is float32 or float64.
+    let tensorOf (dtype: torch.ScalarType) (v: float[]) =
+        match dtype with
+        | torch.ScalarType.Float32 -> torch.tensor (Array.map float32 v)
+        | torch.ScalarType.Float64 -> torch.tensor (v, dtype = torch.ScalarType.Float64)
+        | other -> torch.tensor(v, dtype = torch.ScalarType.Float64).to_type other
+
+    /// <summary>
+    /// A tensor of like's dtype and device holding the float64 values v, made directly in a float32 or float64 CPU
+    /// dtype (one native call instead of a float64 tensor, a conversion and a move).
+    /// </summary>
+    let tensorLike (like: torch.Tensor) (v: float[]) =
+        let t = tensorOf like.dtype v
+
+        if like.device_type = DeviceType.CPU then
+            t
+        else
+            t.``to`` like.device
+
     /// softmax(l) in float64, stable for any finite logits.
     let softmax (l: float[]) =
         let m = Array.max l
@@ -526,7 +545,7 @@ type internal SwitchNormKernelFunction() =
                     else
                         dw
 
-                torch.tensor(d, dtype = torch.ScalarType.Float64).to_type sv.WeightsDtype
+                KernelNorm.tensorOf sv.WeightsDtype d
 
             let grads = [
                 dx

@@ -354,7 +354,7 @@ type SwitchNormNd
                 this.CheckRank x
                 this.CheckState x
                 let running = runningNow ()
-                running, Functional.forwardCore false layerName spec this.Params running this.training x
+                running, Functional.forwardCore false recalibrating layerName spec this.Params running this.training x
             | Some comm ->
                 // a local error must reach the other ranks through the collective, or they would wait for ever
                 let running, localError =

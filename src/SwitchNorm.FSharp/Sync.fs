@@ -161,7 +161,7 @@ module Sync =
             // nothing is shared: eval with running statistics, or no BN component
             match localError with
             | Some e -> raise e
-            | None -> Functional.forwardCore false layer spec p running training x
+            | None -> Functional.forwardCore false true layer spec p running training x
         else
             let size, rank = comm.Size, comm.Rank
 

@@ -274,3 +274,39 @@ let ``row passes split across libtorch's OpenMP threads give bitwise the single-
             Assert.True(exactEq a b, $"{what}: differs by {maxAbsDiff a b}")
     finally
         torch.set_num_threads before
+
+[<Theory>]
+[<InlineData("float32")>]
+[<InlineData("float64")>]
+let ``the functional normalizer returns the batch's per-channel moments in training`` (dtypeName: string) =
+    // the module asks for them only when it recalibrates; the public Functional.forward always returns them
+    let dtype =
+        if dtypeName = "float64" then
+            torch.ScalarType.Float64
+        else
+            torch.ScalarType.Float32
+
+    let x = randnSeeded 41L [| 3L; 4L; 5L; 2L |] dtype * 2.0 + 7.0
+    let m = new SwitchNorm2d(4L, dtype = dtype)
+
+    let running = {
+        Mean = m.running_mean.clone ()
+        Var = m.running_var.clone ()
+        BatchesTracked = 0L
+    }
+
+    let p = {
+        Weight = Some m.weight
+        Bias = Some m.bias
+        MeanLogits = m.mean_weight
+        VarLogits = m.var_weight
+    }
+
+    let r = Functional.forward "test" Functional.paper p (Some running) true x
+    let b = r.BatchMoments.Value
+    let x64 = x.to_type torch.ScalarType.Float64
+    let mean = x64.mean ([| 0L; 2L; 3L |], keepdim = true)
+    let var = (x64 - mean).square().mean ([| 0L; 2L; 3L |])
+    Assert.Equal(30.0, b.Count)
+    assertClose "batch mean" (tol dtype) b.Mean (mean.view (1L, -1L))
+    assertClose "batch variance (M2 / count)" (tol dtype) (b.M2 / b.Count) (var.view (1L, -1L))
