@@ -40,6 +40,7 @@ let warmUp () =
 let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int) =
     torch.set_num_threads threads
     let x = torch.randn shape
+    let g = torch.randn shape
     let sn = new SwitchNorm2d(shape[1])
     let bn = torch.nn.BatchNorm2d(shape[1])
 
@@ -48,8 +49,10 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int
             use _ = torch.NewDisposeScope()
 
             if mode = "train" then
+                // as the benchmark's training step: forward, backward of sum(y · g), zero_grad
                 m.train () |> ignore
-                (m.forward (x.detach().requires_grad_ (true))).sum().backward ()
+                (m.forward (x.detach().requires_grad_ (true)) * g).sum().backward ()
+                m.zero_grad ()
             elif mode = "train-forward" then
                 m.train () |> ignore
                 m.forward (x.detach().requires_grad_ (true)) |> ignore
@@ -60,17 +63,20 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int
 
     for (name, m) in [ "SwitchNorm2d", sn :> Module; "BatchNorm2d", bn :> Module ] do
         run m (iterations / 10)
+        let gcs = GC.CollectionCount 0
         let sw = Stopwatch.StartNew()
         run m iterations
+        let gcs = GC.CollectionCount 0 - gcs
 
         printfn
-            "%s %s %s: %.1f us per call (%d calls, %d thread(s))"
+            "%s %s %s: %.1f us per call (%d calls, %d thread(s), %d gen0 GCs)"
             name
             mode
             (Checks.shapeText shape)
             (sw.Elapsed.TotalMilliseconds * 1000.0 / float iterations)
             iterations
             threads
+            gcs
 
 [<EntryPoint>]
 let main argv =
@@ -93,7 +99,7 @@ let main argv =
         exit 0
     | None -> ()
 
-    let reps = if quick then 7 else 21
+    let reps = if quick then 11 else 21
     let warm = 3
 
     let shapes =
@@ -176,16 +182,28 @@ let main argv =
                     use _ = torch.NewDisposeScope()
                     f ()
 
-                for _ in 1..warm do
+                // warm-up: rounds of every subject for at least `warm` rounds and 300 ms, so one-time costs (the
+                // first parallel region at a new thread count, tiered JIT) are behind us
+                let warmClock = Stopwatch.StartNew()
+                let mutable rounds = 0
+
+                while rounds < warm || warmClock.ElapsedMilliseconds < 300L do
                     for f in fs do
                         call f
 
+                    rounds <- rounds + 1
+
+                // calls per sample from the median of three timed calls
                 let counts =
                     fs
                     |> List.map (fun f ->
-                        let sw = Stopwatch.StartNew()
-                        call f
-                        max 1 (int (ceil (2.0 / max 1e-3 sw.Elapsed.TotalMilliseconds))))
+                        let one () =
+                            let sw = Stopwatch.StartNew()
+                            call f
+                            sw.Elapsed.TotalMilliseconds
+
+                        let t = median [ one (); one (); one () ]
+                        max 1 (int (ceil (2.0 / max 1e-3 t))))
 
                 let samples = fs |> List.map (fun _ -> ResizeArray<float>())
 
