@@ -1,6 +1,6 @@
 /// A dedicated timing program (BenchmarkDotNet's process model and libtorch's thread pool do not mix well):
 /// SwitchNorm2d against TorchSharp's BatchNorm2d and the other norms in the same process and run, with the
-/// thread count stated. Usage: dotnet run -c Release --project bench/SwitchNorm.Bench [-- --quick]
+/// thread count stated. Usage: dotnet run -c Release --project bench/SwitchNorm.Bench [-- --quick] [--default-malloc]
 module Program
 
 open System
@@ -9,6 +9,24 @@ open TorchSharp
 open SwitchNorm
 
 type Module = torch.nn.Module<torch.Tensor, torch.Tensor>
+
+[<System.Runtime.InteropServices.DllImport("libc.so.6")>]
+extern int mallopt(int param, int value)
+
+/// <summary>
+/// Keeps glibc's malloc from returning freed memory to the OS between calls (M_TRIM_THRESHOLD 1 GB, M_MMAP_THRESHOLD
+/// 32 MB, its maximum). Otherwise whether a layer's fresh output lands in recycled or in newly mapped, page-faulting
+/// memory depends on the heap's history: a cold heap (the quick mode's first shapes) made the same training step up to
+/// 7× slower for every subject, unevenly. Both subjects of every ratio run under the same setting; --default-malloc
+/// leaves glibc's defaults.
+/// </summary>
+let keepFreedMemory () =
+    if OperatingSystem.IsLinux() then
+        try
+            mallopt (-1, 1 <<< 30) |> ignore
+            mallopt (-3, 32 <<< 20) |> ignore
+        with _ ->
+            ()
 
 let median (xs: float list) =
     let a = List.sort xs |> Array.ofList
@@ -81,6 +99,9 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int
 [<EntryPoint>]
 let main argv =
     let quick = Array.contains "--quick" argv
+
+    if not (Array.contains "--default-malloc" argv) then
+        keepFreedMemory ()
 
     match Array.tryFindIndex ((=) "--overhead-loop") argv with
     | Some i ->
