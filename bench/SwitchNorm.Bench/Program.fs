@@ -82,12 +82,17 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int
     for (name, m) in [ "SwitchNorm2d", sn :> Module; "BatchNorm2d", bn :> Module ] do
         run m (iterations / 10)
         let gcs = GC.CollectionCount 0
+        let paused = GC.GetTotalPauseDuration()
         let sw = Stopwatch.StartNew()
         run m iterations
         let gcs = GC.CollectionCount 0 - gcs
 
+        let paused =
+            (GC.GetTotalPauseDuration() - paused).TotalMilliseconds * 1000.0
+            / float iterations
+
         printfn
-            "%s %s %s: %.1f us per call (%d calls, %d thread(s), %d gen0 GCs)"
+            "%s %s %s: %.1f us per call (%d calls, %d thread(s), %d gen0 GCs, GC pauses %.1f us per call)"
             name
             mode
             (Checks.shapeText shape)
@@ -95,6 +100,7 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int
             iterations
             threads
             gcs
+            paused
 
 [<EntryPoint>]
 let main argv =
