@@ -223,10 +223,7 @@ module Functional =
                 else
                     KernelNorm.read t
 
-            let y, _, _ =
-                KernelNorm.output x3c plan (read gamma) (read beta) (weights wMean) (weights wVar)
-
-            y
+            KernelNorm.output x3c plan (read gamma) (read beta) (weights wMean) (weights wVar)
 
     /// The functional normalizer; with checkTensors false, the dtype and device checks of every tensor are skipped
     /// (the module has made them); with wantMoments false, BatchMoments is None (the module only needs the batch's

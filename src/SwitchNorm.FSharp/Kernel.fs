@@ -59,8 +59,11 @@ type internal RowComponent = {
     Count: float
     /// The statistic's mean per group: per row (N·C), per sample (N) or per channel (C), as Kind says.
     Mean: float[]
-    /// The statistic's biased variance per group.
+    /// The statistic's biased variance per group, once multiplied by VarScale.
     Var: float[]
+    /// 1/S for the per-row statistic, whose Var is the rows' M2 (shared with the row statistics, so no array of its
+    /// own is kept for the backward); 1 for the others.
+    VarScale: float
 }
 
 /// Everything the kernel normalizer's forward and backward share for one input.
@@ -82,9 +85,6 @@ type internal KernelSaved = {
     /// Per-channel scale, or None.
     Gamma: float[] option
     HasBias: bool
-    /// Mixed mean and 1/sqrt(var + eps) per row.
-    Mu: float[]
-    R: float[]
     InputNeedsGrad: bool
     /// The mixing weights are the softmax of the inputs at positions 3 and 4 (the logits), applied inside.
     SoftmaxInside: bool
@@ -204,10 +204,8 @@ module internal KernelNorm =
                 Kind = kind
                 Count = float st.S
                 Mean = st.Mean
-                Var =
-                    let v = GC.AllocateUninitializedArray<float> st.M2.Length
-                    RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)
-                    v
+                Var = st.M2
+                VarScale = 1.0 / float st.S
               }
             | PerSample
             | PerChannel ->
@@ -218,6 +216,7 @@ module internal KernelNorm =
                     Count = count
                     Mean = mean
                     Var = var
+                    VarScale = 1.0
                 }
             | Constant ->
                 match running with
@@ -226,6 +225,7 @@ module internal KernelNorm =
                     Count = 0.0
                     Mean = values m
                     Var = values v
+                    VarScale = 1.0
                   }
                 | None -> invalidOp "unreachable: constant statistics without running statistics"
 
@@ -236,12 +236,9 @@ module internal KernelNorm =
             Reducer = None
         }
 
-    /// Mixed mean and 1/sqrt(var + eps) per row.
-    let private mixed (plan: KernelPlan) (wm: float[]) (wv: float[]) =
+    /// Mixed mean and 1/sqrt(var + eps) per row, into mu and r (at least N·C long).
+    let private mixInto (plan: KernelPlan) (wm: float[]) (wv: float[]) (mu: float[]) (r: float[]) =
         let st = plan.Stats
-        let rows = st.N * st.C
-        let mu = GC.AllocateUninitializedArray<float> rows
-        let r = GC.AllocateUninitializedArray<float> rows
         let comps = plan.Components
         // μ = rowMean + Σ w·(mean − rowMean): the same as Σ w·mean for weights summing to 1, but the weights'
         // rounding only scales the (small) differences, never a large common offset.
@@ -252,6 +249,7 @@ module internal KernelNorm =
             comps |> Array.map (fun comp -> code comp.Kind),
             comps |> Array.map (fun comp -> comp.Mean),
             comps |> Array.map (fun comp -> comp.Var),
+            comps |> Array.map (fun comp -> comp.VarScale),
             wm,
             wv,
             st.Mean,
@@ -260,19 +258,27 @@ module internal KernelNorm =
             r
         )
 
-        mu, r
-
-    /// The normalized output (N, C, S) of a contiguous float32 x3, with the mixed mean and 1/std per row.
+    /// <summary>
+    /// The normalized output (N, C, S) of a contiguous float32 x3. The mixed mean and 1/std per row are temporaries
+    /// from a pool (the backward recomputes them, an O(N·C) pass, rather than keep them in the graph).
+    /// </summary>
     let output (x3: torch.Tensor) (plan: KernelPlan) (gamma: float[] option) (beta: float[] option) (wm: float[]) (wv: float[]) =
         let st = plan.Stats
         let rows = st.N * st.C
-        let mu, r = mixed plan wm wv
-        let y = torch.empty_like x3
-        let px = Kernel.pointer x3
-        let py = Kernel.pointer y
-        let g, b = defaultArg gamma null, defaultArg beta null
-        Kernel.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.C, st.S, st.Centre, r, mu, g, b, lo, hi))
-        y, mu, r
+        let pool = Buffers.ArrayPool<float>.Shared
+        let mu, r = pool.Rent rows, pool.Rent rows
+
+        try
+            mixInto plan wm wv mu r
+            let y = torch.empty_like x3
+            let px = Kernel.pointer x3
+            let py = Kernel.pointer y
+            let g, b = defaultArg gamma null, defaultArg beta null
+            Kernel.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.C, st.S, st.Centre, r, mu, g, b, lo, hi))
+            y
+        finally
+            pool.Return mu
+            pool.Return r
 
     /// <summary>
     /// The output of a contiguous float32 x3 without a graph, when no statistic spans samples (per-row, per-sample
@@ -361,8 +367,10 @@ module internal KernelNorm =
         let sumG, sumGx = pool.Rent rows, pool.Rent rows
         let dMu, dVar, gr = pool.Rent rows, pool.Rent rows, pool.Rent rows
         let q, c0 = pool.Rent rows, pool.Rent rows
+        let mu, r = pool.Rent rows, pool.Rent rows
 
         try
+            mixInto plan sv.WMean sv.WVar mu r
             Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradSums(pg, px, st.S, st.Centre, sumG, sumGx, lo, hi))
 
             let k = plan.Components.Length
@@ -384,12 +392,13 @@ module internal KernelNorm =
                 kinds,
                 means,
                 comps |> Array.map (fun comp -> comp.Var),
+                comps |> Array.map (fun comp -> comp.VarScale),
                 st.Mean,
                 sumG,
                 sumGx,
                 st.Centre,
-                sv.Mu,
-                sv.R,
+                mu,
+                r,
                 defaultArg sv.Gamma null,
                 gr,
                 dMu,
@@ -447,7 +456,7 @@ module internal KernelNorm =
 
             dx, dGamma, dBeta, dwm, dwv
         finally
-            for a in [ sumG; sumGx; dMu; dVar; gr; q; c0 ] do
+            for a in [ sumG; sumGx; dMu; dVar; gr; q; c0; mu; r ] do
                 pool.Return a
 
 
@@ -478,7 +487,7 @@ type internal SwitchNormKernelFunction() =
 
         let wMean, wVar = weights wm, weights wv
         let g = read gamma
-        let y, mu, r = KernelNorm.output x3 plan g (read beta) wMean wVar
+        let y = KernelNorm.output x3 plan g (read beta) wMean wVar
         ctx.save_for_backward (List<torch.Tensor>([ x3; gamma; beta; wm; wv ]))
 
         ctx.save_data (
@@ -489,8 +498,6 @@ type internal SwitchNormKernelFunction() =
                 WVar = wVar
                 Gamma = g
                 HasBias = not (isNull beta)
-                Mu = mu
-                R = r
                 InputNeedsGrad = x3.requires_grad
                 SoftmaxInside = softmaxInside
                 WeightsDtype = wm.dtype

@@ -528,12 +528,13 @@ internal static unsafe class RowKernels
 
     /// <summary>
     /// The mixture of every row: mu[i] = Σⱼ wmⱼ·(meanⱼ − rowMean[i]) + rowMean[i] and r[i] = 1/sqrt(Σⱼ wvⱼ·varⱼ + eps),
-    /// over the k statistics, each stored per group of its kind (0 per row, 1 per sample, 2 per channel).
+    /// over the k statistics, each stored per group of its kind (0 per row, 1 per sample, 2 per channel); varⱼ is the
+    /// stored value times varScale[j] (1/S for a per-row statistic stored as its M2, 1 otherwise).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void MixAll(
-        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] wm, double[] wv, double[] rowMean,
-        double eps, double[] mu, double[] r)
+        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] varScale, double[] wm, double[] wv,
+        double[] rowMean, double eps, double[] mu, double[] r)
     {
         var scratchM = new double[c];
         var scratchV = new double[c];
@@ -549,7 +550,7 @@ internal static unsafe class RowKernels
             for (int j = 0; j < k; j++)
             {
                 AddScaledDiff(m, Seen(kinds[j], means[j], a, c, scratchM), rm, wm[j]);
-                AddScaled(v, Seen(kinds[j], vars[j], a, c, scratchV), wv[j]);
+                AddScaledProduct(v, Seen(kinds[j], vars[j], a, c, scratchV), varScale[j], wv[j]);
             }
 
             Add(m, rm);
@@ -633,7 +634,7 @@ internal static unsafe class RowKernels
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void GradMix(
-        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] rowMean,
+        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] varScale, double[] rowMean,
         double[] sumG, double[] sumGx, double[] centre, double[] mu, double[] r, double[]? gamma,
         double[] gr, double[] dMu, double[] dVar, double[] dGamma, double[] dBeta, double[] dwm, double[] dwv,
         double[] muSample, double[] muChannel, double[] varSample, double[] varChannel)
@@ -704,7 +705,7 @@ internal static unsafe class RowKernels
             for (int j = 0; j < k; j++)
             {
                 dwm[j] += DotDiff(dmRow, Seen(kinds[j], means[j], a, c, scratch), rm);
-                dwv[j] += Dot(dvRow, Seen(kinds[j], vars[j], a, c, scratch));
+                dwv[j] += DotScaled(dvRow, Seen(kinds[j], vars[j], a, c, scratch), varScale[j]);
             }
         }
     }
@@ -806,21 +807,22 @@ internal static unsafe class RowKernels
         return t;
     }
 
-    /// <summary>Σ d·x.</summary>
+    /// <summary>Σ d·(x·s).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static double Dot(ReadOnlySpan<double> d, ReadOnlySpan<double> x)
+    private static double DotScaled(ReadOnlySpan<double> d, ReadOnlySpan<double> x, double s)
     {
         var vd = MemoryMarshal.Cast<double, Vector<double>>(d);
         var vx = MemoryMarshal.Cast<double, Vector<double>>(x[..d.Length]);
+        var vs = new Vector<double>(s);
         var acc = Vector<double>.Zero;
 
         for (int v = 0; v < vd.Length; v++)
-            acc += vd[v] * vx[v];
+            acc += vd[v] * (vx[v] * vs);
 
         double t = Vector.Sum(acc);
 
         for (int i = vd.Length * Vector<double>.Count; i < d.Length; i++)
-            t += d[i] * x[i];
+            t += d[i] * (x[i] * s);
 
         return t;
     }
@@ -872,6 +874,22 @@ internal static unsafe class RowKernels
 
         for (int i = va.Length * Vector<double>.Count; i < acc.Length; i++)
             acc[i] += f * x[i];
+    }
+
+    /// <summary>acc += f·(x·s).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void AddScaledProduct(Span<double> acc, ReadOnlySpan<double> x, double s, double f)
+    {
+        var va = MemoryMarshal.Cast<double, Vector<double>>(acc);
+        var vx = MemoryMarshal.Cast<double, Vector<double>>(x[..acc.Length]);
+        var vs = new Vector<double>(s);
+        var vf = new Vector<double>(f);
+
+        for (int v = 0; v < va.Length; v++)
+            va[v] += vf * (vx[v] * vs);
+
+        for (int i = va.Length * Vector<double>.Count; i < acc.Length; i++)
+            acc[i] += f * (x[i] * s);
     }
 
     /// <summary>acc += f·(x − y).</summary>
@@ -956,18 +974,5 @@ internal static unsafe class RowKernels
             q[i] += dvq;
             c0[i] += fm * dm[i] + dvq * (centre[i] - mean[i]);
         }
-    }
-
-    /// <summary>dst[i] = src[i] · factor for i &lt; n.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    internal static void Scale(int n, double[] src, double factor, double[] dst)
-    {
-        int w = Vector<double>.Count, i = 0;
-
-        for (; i + w <= n; i += w)
-            (new Vector<double>(src, i) * factor).CopyTo(dst, i);
-
-        for (; i < n; i++)
-            dst[i] = src[i] * factor;
     }
 }

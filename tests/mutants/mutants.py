@@ -12,7 +12,7 @@ MUTANTS = {
     # per-row and pooled variances of the float32 row kernels.
     "unbiased-variance": [
         (F + "Moments.fs", "let variance (m: Moments) = m.M2 / m.Count", "let variance (m: Moments) = m.M2 / (m.Count - 1.0)"),
-        (F + "Kernel.fs", "RowKernels.Scale(v.Length, st.M2, 1.0 / float st.S, v)", "RowKernels.Scale(v.Length, st.M2, 1.0 / float (st.S - 1), v)"),
+        (F + "Kernel.fs", "VarScale = 1.0 / float st.S", "VarScale = 1.0 / float (st.S - 1)"),
         (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
         (K, "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) * invCount;", "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) / (count - 1);"),
         (F + "Kernel.fs", "1.0 / float s,\n", "1.0 / float (s - 1),\n"),
