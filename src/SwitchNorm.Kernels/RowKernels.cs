@@ -155,21 +155,24 @@ internal static unsafe class RowKernels
 
             var vm = vc + s1 * vinv;
             var vm2 = Vector256.Max(Vector256<double>.Zero, s2 - s1 * s1 * vinv);
-            if (i + 4 <= hi)
-            {
-                vc.StoreUnsafe(ref centre[i]);
-                vm.StoreUnsafe(ref mean[i]);
-                vm2.StoreUnsafe(ref m2[i]);
-            }
-            else
-            {
-                for (int r = 0; r < hi - i; r++)
-                {
-                    centre[i + r] = vc.GetElement(r);
-                    mean[i + r] = vm.GetElement(r);
-                    m2[i + r] = vm2.GetElement(r);
-                }
-            }
+            Store4(vc, centre, i, hi);
+            Store4(vm, mean, i, hi);
+            Store4(vm2, m2, i, hi);
+        }
+    }
+
+    /// <summary>The lanes of v for rows i .. min(i + 4, hi) − 1 into dst[i ..].</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Store4(Vector256<double> v, double[] dst, int i, int hi)
+    {
+        if (i + 4 <= hi)
+        {
+            v.StoreUnsafe(ref dst[i]);
+        }
+        else
+        {
+            for (int r = 0; r < hi - i; r++)
+                dst[i + r] = v.GetElement(r);
         }
     }
 
@@ -345,19 +348,8 @@ internal static unsafe class RowKernels
                 s2 += Vector256.Create(v0, v1, v2, v3);
             }
 
-            if (i + 4 <= hi)
-            {
-                s1.StoreUnsafe(ref sumG[i]);
-                s2.StoreUnsafe(ref sumGx[i]);
-            }
-            else
-            {
-                for (int r = 0; r < hi - i; r++)
-                {
-                    sumG[i + r] = s1.GetElement(r);
-                    sumGx[i + r] = s2.GetElement(r);
-                }
-            }
+            Store4(s1, sumG, i, hi);
+            Store4(s2, sumGx, i, hi);
         }
     }
 
