@@ -52,7 +52,7 @@ let warmUp () =
     Threading.Thread.Sleep 500
 
 /// A loop of calls, for a profiler (perf with DOTNET_PerfMapEnabled=1): where the time per call goes.
-/// Usage: --overhead-loop eval|train|train-forward [N,C,H,W] [--threads T] (default 1). Prints the time per call of SwitchNorm2d and, for comparison, of
+/// Usage: --overhead-loop eval|eval-grad|train|train-forward [N,C,H,W] [--threads T] (default 1). Prints the time per call of SwitchNorm2d and, for comparison, of
 /// BatchNorm2d on the same input (after a warm-up of a tenth of the iterations): on a tiny input this is the fixed
 /// cost per call, the checks and bookkeeping around the passes.
 let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int) =
@@ -74,6 +74,10 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int
             elif mode = "train-forward" then
                 m.train () |> ignore
                 m.forward (x.detach().requires_grad_ (true)) |> ignore
+            elif mode = "eval-grad" then
+                // eval with grad mode on, as a validation loop without no_grad runs it
+                m.eval () |> ignore
+                m.forward x |> ignore
             else
                 m.eval () |> ignore
                 use _ = torch.no_grad ()
