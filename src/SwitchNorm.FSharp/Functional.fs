@@ -99,6 +99,17 @@ module Functional =
             l.Mean, Moments.variance l
         | Batch -> bnStats ()
 
+    /// How each component's statistic is grouped in the row kernels: IN per row, LN per sample, BN per channel from
+    /// the batch or, without the batch, constant (the running statistics).
+    let internal kernelKinds (spec: NormSpec) (bnFromBatch: bool) =
+        spec.Components
+        |> List.map (fun comp ->
+            match comp with
+            | Instance -> PerRow
+            | Layer -> PerSample
+            | Batch when bnFromBatch -> PerChannel
+            | Batch -> Constant)
+
     /// <summary>
     /// The spec's switch applied to logits in dtype. A switch other than the paper's softmax is checked: the fused
     /// paths mix means about the row mean, which equals Σ w·mean only for weights summing to 1, and the layer is only
@@ -330,14 +341,7 @@ module Functional =
         let kernel () =
             let x3c = if x3.is_contiguous () then x3 else x3.contiguous ()
 
-            let kinds =
-                spec.Components
-                |> List.map (fun comp ->
-                    match comp with
-                    | Instance -> PerRow
-                    | Layer -> PerSample
-                    | Batch when bnFromBatch -> PerChannel
-                    | Batch -> Constant)
+            let kinds = kernelKinds spec bnFromBatch
 
             // The paper's softmax is applied inside, in float64; any other switch is applied here, in float64.
             let softmaxInside = Mixing.isSoftmax spec.Switch

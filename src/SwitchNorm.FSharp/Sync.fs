@@ -78,13 +78,7 @@ module Sync =
         comm.AllreduceSum m2
         let varG = m2 |> Array.map (fun v -> v / total)
 
-        let kinds =
-            spec.Components
-            |> List.map (fun comp ->
-                match comp with
-                | Instance -> PerRow
-                | Layer -> PerSample
-                | Batch -> PerChannel)
+        let kinds = Functional.kernelKinds spec true
 
         let local = KernelNorm.plan st kinds None spec.Eps
 
