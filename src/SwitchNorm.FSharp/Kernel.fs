@@ -193,9 +193,6 @@ module internal KernelNorm =
         | PerChannel
         | Constant -> 2
 
-    /// The batch's per-channel count, mean and biased variance.
-    let batchStats (st: RowStats) = pool st false
-
     /// Each component's statistic, per group.
     let plan (st: RowStats) (kinds: StatKind list) (running: (torch.Tensor * torch.Tensor) option) (eps: float) =
         let comp (kind: StatKind) =

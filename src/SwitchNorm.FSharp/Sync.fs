@@ -63,7 +63,10 @@ module Sync =
         =
         let x3c = x3.contiguous ()
         let st = KernelNorm.rowStats x3c
-        let countL, meanL, varL = KernelNorm.batchStats st
+        let local = KernelNorm.plan st (Functional.kernelKinds spec true) None spec.Eps
+        // this shard's per-channel statistics, pooled once by the plan (a collective layer always mixes BN)
+        let localBatch = local.Components |> Array.find (fun comp -> comp.Kind = PerChannel)
+        let countL, meanL, varL = localBatch.Count, localBatch.Mean, localBatch.Var
         let c = st.C
         // the global mean from the per-channel sums, then the global M2 by the parallel-variance formula
         let sums = Array.init c (fun i -> countL * meanL[i])
@@ -77,10 +80,6 @@ module Sync =
 
         comm.AllreduceSum m2
         let varG = m2 |> Array.map (fun v -> v / total)
-
-        let kinds = Functional.kernelKinds spec true
-
-        let local = KernelNorm.plan st kinds None spec.Eps
 
         let plan = {
             local with
