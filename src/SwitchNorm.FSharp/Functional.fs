@@ -352,20 +352,35 @@ module Functional =
                 else
                     switched p.MeanLogits torch.ScalarType.Float64, switched p.VarLogits torch.ScalarType.Float64
 
-            if not bnFromBatch && not (needsGraph [ wMean; wVar ]) then
-                // no statistic spans samples and no graph: sample by sample, while each is in cache
-                let weights (t: torch.Tensor) =
-                    if softmaxInside then
-                        KernelNorm.softmax (KernelNorm.read t)
-                    else
-                        KernelNorm.read t
-
-                let read (t: torch.Tensor) =
-                    if isNull t then None else Some(KernelNorm.read t)
-
+            if not bnFromBatch then
+                // no statistic spans samples: sample by sample, while each is in cache
                 let running = running |> Option.map (fun r -> r.Mean, r.Var)
 
-                KernelNorm.sampleOutput x3c kinds running spec.Eps (read gamma) (read beta) (weights wMean) (weights wVar), None, None
+                if needsGraph [ wMean; wVar ] then
+                    // the kernel function's forward does the same, and builds the backward's plan from its moments
+                    let deferred = {
+                        Kinds = kinds
+                        Running = running
+                        Eps = spec.Eps
+                    }
+
+                    torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
+                        .apply (box x3c, box gamma, box beta, box wMean, box wVar, box deferred, box softmaxInside),
+                    None,
+                    None
+                else
+                    let weights (t: torch.Tensor) =
+                        if softmaxInside then
+                            KernelNorm.softmax (KernelNorm.read t)
+                        else
+                            KernelNorm.read t
+
+                    let read (t: torch.Tensor) =
+                        if isNull t then None else Some(KernelNorm.read t)
+
+                    KernelNorm.sampleOutput x3c kinds running spec.Eps (read gamma) (read beta) (weights wMean) (weights wVar) None,
+                    None,
+                    None
             else
 
                 let st = KernelNorm.rowStats x3c

@@ -76,6 +76,16 @@ type internal KernelPlan = {
     Reducer: ICommunicator option
 }
 
+/// <summary>
+/// For the kernel function when no statistic spans samples (eval, or no BN): its forward normalizes sample by sample
+/// (<c>KernelNorm.sampleOutput</c>) and builds the backward's plan from the moments that pass computed.
+/// </summary>
+type internal DeferredPlan = {
+    Kinds: StatKind list
+    Running: (torch.Tensor * torch.Tensor) option
+    Eps: float
+}
+
 /// What the kernel normalizer's backward keeps besides x: O(N·C) values.
 type internal KernelSaved = {
     Plan: KernelPlan
@@ -155,6 +165,19 @@ module internal KernelNorm =
         && x3.device_type = DeviceType.CPU
         && x3.numel () > 0L
         && x3.numel () <= int64 Int32.MaxValue / 4L
+
+    /// Row statistics of x3 (N, C, S) to be filled in.
+    let emptyRowStats (x3: torch.Tensor) : RowStats =
+        let n, c, s = int (x3.size 0), int (x3.size 1), int (x3.size 2)
+
+        {
+            N = n
+            C = c
+            S = s
+            Centre = GC.AllocateUninitializedArray<float>(n * c)
+            Mean = GC.AllocateUninitializedArray<float>(n * c)
+            M2 = GC.AllocateUninitializedArray<float>(n * c)
+        }
 
     /// Per-row mean and centred sum of squares of a contiguous float32 x3: a mean pass and a centred pass per
     /// row (the second one mostly from cache), corrected by the centred sum so the rounded centre costs nothing.
@@ -282,7 +305,7 @@ module internal KernelNorm =
     /// and constant statistics only: eval, or no BN). Sample by sample: its rows' moments, its statistics, their
     /// mixture and its output, while the sample is still in cache; the samples are split across libtorch's threads.
     /// The same kernels, with the same per-row arithmetic, as rowStats, plan and output, so the result is bitwise
-    /// that of the whole-batch path.
+    /// that of the whole-batch path. With keep, the rows' moments are also written there (for a backward).
     /// </summary>
     let sampleOutput
         (x3: torch.Tensor)
@@ -293,6 +316,7 @@ module internal KernelNorm =
         (beta: float[] option)
         (wm: float[])
         (wv: float[])
+        (keep: RowStats option)
         =
         let n, c, s = int (x3.size 0), int (x3.size 1), int (x3.size 2)
         let codes = kinds |> List.map code |> Array.ofList
@@ -325,6 +349,14 @@ module internal KernelNorm =
                 let xa = NativePtr.add px (a * sampleLen)
                 let ya = NativePtr.add py (a * sampleLen)
                 RowKernels.Stats(xa, s, centre, mean, m2, 0, c)
+
+                match keep with
+                | Some st ->
+                    // the rows' moments for a backward, which builds its plan from them
+                    Array.blit centre 0 st.Centre (a * c) c
+                    Array.blit mean 0 st.Mean (a * c) c
+                    Array.blit m2 0 st.M2 (a * c) c
+                | None -> ()
 
                 if hasSample then
                     RowKernels.Pool(1, c, s, mean, m2, true, sampleMean, sampleVar) |> ignore
@@ -459,7 +491,8 @@ module internal KernelNorm =
 
 /// The kernel normalizer as an autograd function. Inputs: x (N, C, S) contiguous float32, weight [C] or null,
 /// bias [C] or null, mean and variance weights [K] in float64 (or, with the flag at position 6 set, the logits
-/// whose softmax they are), and the <see cref="T:SwitchNorm.KernelPlan"/> of x.
+/// whose softmax they are), and the <see cref="T:SwitchNorm.KernelPlan"/> of x, or a
+/// <see cref="T:SwitchNorm.DeferredPlan"/> when the forward goes sample by sample and builds the plan itself.
 /// Keeps x and O(N·C) values for the backward.
 type internal SwitchNormKernelFunction() =
     inherit torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>()
@@ -470,7 +503,6 @@ type internal SwitchNormKernelFunction() =
         let tensorAt = Fused.tensorAt vars
         let x3 = tensorAt 0
         let gamma, beta, wm, wv = tensorAt 1, tensorAt 2, tensorAt 3, tensorAt 4
-        let plan = vars[5] :?> KernelPlan
         let softmaxInside = vars[6] :?> bool
 
         let read t =
@@ -484,7 +516,20 @@ type internal SwitchNormKernelFunction() =
 
         let wMean, wVar = weights wm, weights wv
         let g = read gamma
-        let y = KernelNorm.output x3 plan g (read beta) wMean wVar
+
+        let plan, y =
+            match vars[5] with
+            | :? DeferredPlan as d ->
+                let st = KernelNorm.emptyRowStats x3
+
+                let y =
+                    KernelNorm.sampleOutput x3 d.Kinds d.Running d.Eps g (read beta) wMean wVar (Some st)
+
+                KernelNorm.plan st d.Kinds d.Running d.Eps, y
+            | plan ->
+                let plan = plan :?> KernelPlan
+                plan, KernelNorm.output x3 plan g (read beta) wMean wVar
+
         ctx.save_for_backward (List<torch.Tensor>([ x3; gamma; beta; wm; wv ]))
 
         ctx.save_data (

@@ -247,7 +247,7 @@ let ``row passes split across libtorch's OpenMP threads give bitwise the single-
         let y = m.forward xs
         (y * g).sum().backward ()
         m.eval () |> ignore
-        // eval through the autograd function (whole batch), and without a graph (sample by sample)
+        // eval through the autograd function, and without a graph (both sample by sample)
         let ye = (m.forward (x.detach().requires_grad_ true)).detach ()
 
         let yn =
@@ -269,7 +269,7 @@ let ``row passes split across libtorch's OpenMP threads give bitwise the single-
                 "weight gradient, 1 vs 2 threads", dw1, dw2
                 "eval output, 1 vs 2 threads", ye1, ye2
                 "no-graph eval output, 1 vs 2 threads", yn1, yn2
-                "no-graph eval output vs the whole-batch path", yn1, ye1
+                "no-graph eval output vs the output with a graph", yn1, ye1
             ] do
             Assert.True(exactEq a b, $"{what}: differs by {maxAbsDiff a b}")
     finally
