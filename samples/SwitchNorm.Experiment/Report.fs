@@ -29,15 +29,23 @@ let private normalizers (results: RunResult list) =
 let private find (results: RunResult list) n b =
     results |> List.tryFind (fun r -> r.Normalizer = n && r.BatchSize = b)
 
-/// Test accuracy (%) per normalizer and batch size, as a Spectre table.
-let accuracyTable (results: RunResult list) =
-    let sizes = sortedSizes results
+/// An empty Spectre table with the given title, a normalizer column and one right-aligned column per batch size.
+let private bySizeTable (title: string) (sizes: int list) =
     let t = Table()
-    t.Title <- TableTitle("Test accuracy (%), after batch-average recalibration for BN and SN")
+    t.Title <- TableTitle(title)
     t.AddColumn("normalizer") |> ignore
 
     for b in sizes do
         t.AddColumn(TableColumn($"batch {b}").RightAligned()) |> ignore
+
+    t
+
+/// Test accuracy (%) per normalizer and batch size, as a Spectre table.
+let accuracyTable (results: RunResult list) =
+    let sizes = sortedSizes results
+
+    let t =
+        bySizeTable "Test accuracy (%), after batch-average recalibration for BN and SN" sizes
 
     for n in normalizers results do
         let cells =
@@ -55,12 +63,9 @@ let accuracyTable (results: RunResult list) =
 /// The difference recalibration made: accuracy with moving averages → recalibrated, per run that has running statistics.
 let recalibrationTable (results: RunResult list) =
     let sizes = sortedSizes results
-    let t = Table()
-    t.Title <- TableTitle("Batch-average recalibration: test accuracy (%) with moving averages → recalibrated")
-    t.AddColumn("normalizer") |> ignore
 
-    for b in sizes do
-        t.AddColumn(TableColumn($"batch {b}").RightAligned()) |> ignore
+    let t =
+        bySizeTable "Batch-average recalibration: test accuracy (%) with moving averages → recalibrated" sizes
 
     for n in normalizers results do
         let rs = sizes |> List.map (find results n)
