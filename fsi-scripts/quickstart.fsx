@@ -26,10 +26,10 @@ printfn
     (norm.num_batches_tracked.item<int64> ())
     (norm.running_mean[0L].item<float32> ())
 
-// The same normalizer as a pure function, with an explicit training flag.
+// The same normalizer as a pure function, in an explicit mode.
 let spec = Norm.paper
 let p = Norm.initParams spec 16L
-let r = Norm.apply spec p (Some(Norm.initRunning 16L)) true x
+let r = Norm.apply spec p (Some(Norm.initRunning 16L)) Mode.Train x
 printfn "functional output equals the module's: %b" (torch.allclose (r.Output, y, rtol = 0.0, atol = 1e-5))
 
 if not (torch.allclose (r.Output, y, rtol = 0.0, atol = 1e-5)) then

@@ -68,8 +68,33 @@ module Checks =
                 )
             )
 
-        if x.size 0 = 0L || x.numel () = 0L then
-            raise (ArgumentException($"{layer} expects a non-empty input; got shape {shapeText x.shape}.", "input"))
+    /// <summary>
+    /// Checks that a per-channel tensor (weight, bias, running_mean, running_var) holds exactly C values in one
+    /// dimension, as PyTorch's batch_norm does ("running_var should contain 4 elements not 5"): no broadcasting.
+    /// </summary>
+    let perChannel (layer: string) (what: string) (numFeatures: int64) (t: torch.Tensor) =
+        if t.dim () <> 1L || t.size 0 <> numFeatures then
+            let got =
+                if t.dim () = 1L then
+                    $"{t.size 0} elements"
+                else
+                    $"shape {shapeText t.shape}"
+
+            raise (ArgumentException($"{layer}: {what} should contain {numFeatures} elements not {got}.", what))
+
+    /// <summary>
+    /// Checks that eps is not zero once rounded to the dtype the statistics are computed in: an eps of 1e-300 is a
+    /// positive double but 0 in float32, and would give NaN on a constant input.
+    /// </summary>
+    let epsInDtype (layer: string) (eps: float) (dtype: torch.ScalarType) =
+        if dtype = torch.ScalarType.Float32 && float32 eps = 0.0f then
+            raise (
+                ArgumentOutOfRangeException(
+                    "eps",
+                    eps,
+                    $"{layer}: eps = {eps} is 0 in float32, the dtype the statistics are computed in; use at least 1.5e-45 (1e-5 is the default)."
+                )
+            )
 
     /// Checks that a parameter lives on the input's device and has a dtype the input can be combined with:
     /// the same dtype, or float32 parameters with a float16/bfloat16 input (mixed precision).

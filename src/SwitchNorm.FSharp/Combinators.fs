@@ -74,17 +74,30 @@ module Norm =
 
     /// Replaces eps (must be positive).
     let withEps (eps: float) (spec: NormSpec) =
-        Checks.constructorArgs "Norm.withEps" 1L eps (Nullable 0.1)
+        Checks.constructorArgs "Norm.withEps" 1L eps (Nullable Defaults.Momentum)
         { spec with Eps = eps }
 
     /// Replaces the momentum; None means a cumulative average.
     let withMomentum (momentum: float option) (spec: NormSpec) =
-        Checks.constructorArgs "Norm.withMomentum" 1L 1e-5 (Option.toNullable momentum)
+        Checks.constructorArgs "Norm.withMomentum" 1L Defaults.Eps (Option.toNullable momentum)
         { spec with Momentum = momentum }
 
+    /// <summary>
+    /// BN pools over the ranks of <paramref name="communicator"/> (Scope.Across): what SyncSwitchNorm does, for the
+    /// functional API. Collective when BN uses the batch: every rank must apply the normalizer, then call backward.
+    /// </summary>
+    let across (communicator: ICommunicator) (spec: NormSpec) =
+        if isNull (box communicator) then
+            nullArg "communicator"
+
+        {
+            spec with
+                Scope = Scope.Across communicator
+        }
+
     /// Applies the normalizer as a pure function (see <c>Functional.forward</c>).
-    let apply (spec: NormSpec) (p: NormParams) (running: RunningStats option) (training: bool) (x: torch.Tensor) =
-        Functional.forward "SwitchNorm" spec p running training x
+    let apply (spec: NormSpec) (p: NormParams) (running: RunningStats option) (mode: Mode) (x: torch.Tensor) =
+        Functional.forward spec p running mode x
 
     /// Fresh parameters for C channels: weight 1, bias 0, logits at ones (as in the paper).
     let initParams (spec: NormSpec) (numFeatures: int64) : NormParams =

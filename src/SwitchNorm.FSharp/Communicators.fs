@@ -11,13 +11,24 @@ open Microsoft.FSharp.NativeInterop
 /// Ranks as threads of one process, for tests and single-machine experiments: <c>InProcessGroup(size)</c> makes a
 /// group, <c>group.Rank r</c> the communicator of rank r, and <c>InProcessGroup.Run(size, body)</c> runs body on one
 /// thread per rank. Sums are taken in rank order, so every rank gets bitwise the same result. A rank that does not
-/// reach a collective within <paramref name="timeoutSeconds"/> makes the others fail with a TimeoutException
-/// instead of waiting for ever.
+/// reach a collective within <paramref name="timeoutSeconds"/> (default 60; positive and at most about 24.8 days, else an
+/// ArgumentOutOfRangeException) makes the others fail with a TimeoutException instead of waiting for ever.
 /// </summary>
 type InProcessGroup(size: int, [<Optional; DefaultParameterValue(60.0)>] timeoutSeconds: float) =
     do
         if size < 1 then
-            raise (ArgumentOutOfRangeException("size", size, "InProcessGroup: the size must be at least 1."))
+            raise (ArgumentOutOfRangeException("size", size, $"InProcessGroup: the size must be at least 1; got {size}."))
+
+        // TimeSpan.FromSeconds of a negative value waits for ever, and a zero timeout fails even when every rank arrives
+        // (Barrier takes at most Int32.MaxValue milliseconds, about 24.8 days)
+        if not (timeoutSeconds > 0.0 && timeoutSeconds <= float Int32.MaxValue / 1000.0) then
+            raise (
+                ArgumentOutOfRangeException(
+                    "timeoutSeconds",
+                    timeoutSeconds,
+                    $"InProcessGroup: the timeout must be a positive number of seconds, at most {float Int32.MaxValue / 1000.0}; got {timeoutSeconds}."
+                )
+            )
 
     let barrier = new Barrier(size)
     let slots: float[][] = Array.zeroCreate size

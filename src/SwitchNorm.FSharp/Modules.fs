@@ -36,7 +36,11 @@ type SwitchNormNd
     ) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>(layerName)
 
-    let mutable spec = spec
+    let mutable spec =
+        match communicator with
+        | Some c when not (isNull (box c)) -> { spec with Scope = Scope.Across c }
+        | _ -> spec
+
     let k = int64 (List.length spec.Components)
 
     let dt =
@@ -55,6 +59,8 @@ type SwitchNormNd
 
         if not (Checks.isFloating dt) then
             raise (ArgumentException($"{layerName}: dtype must be a floating-point type; got {dt}.", "dtype"))
+
+        Checks.epsInDtype layerName spec.Eps (Checks.computeDtype dt)
 
         // Built tensors must outlive any dispose scope the caller has open (register_* does not detach).
         let keep (t: torch.Tensor) = t.DetachFromDisposeScope()
@@ -106,9 +112,9 @@ type SwitchNormNd
             }
 
     /// <summary>
-    /// True (the default): the fused implementation (row kernels for float32 on the CPU, a hand-written
-    /// backward). False: the plain composition of tensor operations differentiated by autograd, slower but
-    /// twice differentiable (create_graph). Both compute the same function.
+    /// True (the default): float32 CPU inputs go through the row kernels with a hand-written backward; other inputs go
+    /// through the tensor path. False: every input goes through the tensor path, the composition of tensor operations
+    /// differentiated by autograd: slower, but any order of derivatives. Both compute the same function.
     /// </summary>
     member _.Fused
         with get () = spec.Fused
@@ -131,7 +137,7 @@ type SwitchNormNd
 
             let sw =
                 try
-                    Mixing.ofKind v radius
+                    Switch.OfKind(v, radius)
                 with :? ArgumentException as e ->
                     raise (ArgumentException($"{layerName}: {e.Message}", "value"))
 
@@ -154,7 +160,7 @@ type SwitchNormNd
             if not frozen then
                 spec <- {
                     spec with
-                        Switch = Mixing.ofKind switchKind v
+                        Switch = Switch.OfKind(switchKind, v)
                 }
 
     /// Whether the selection is frozen: one statistic for the mean and one for the variance, fixed (see Freeze).
@@ -178,7 +184,7 @@ type SwitchNormNd
 
             spec <- {
                 spec with
-                    Switch = Mixing.sparsestmax 1.0
+                    Switch = Switch.Sparsestmax 1.0
             }
 
             this.mean_weight.requires_grad <- false
@@ -193,7 +199,7 @@ type SwitchNormNd
 
             spec <- {
                 spec with
-                    Switch = Mixing.ofKind switchKind radius
+                    Switch = Switch.OfKind(switchKind, radius)
             }
 
             this.mean_weight.requires_grad <- true
@@ -238,15 +244,25 @@ type SwitchNormNd
         with get (): Parameter = this.get_parameter "var_weight"
         and set (v: Parameter) = this.ConditionallyRegisterParameter("var_weight", v)
 
-    /// Running mean of the BN component, or null when not tracked.
+    /// Running mean of the BN component, or null when not tracked. Setting a tensor whose length is not num_features
+    /// is refused with an ArgumentException; nothing changes then.
     member this.running_mean
         with get (): torch.Tensor = this.get_buffer "running_mean"
-        and set (v: torch.Tensor) = this.ConditionallyRegisterBuffer("running_mean", v)
+        and set (v: torch.Tensor) =
+            this.CheckRunning("running_mean", v)
+            this.ConditionallyRegisterBuffer("running_mean", v)
 
-    /// Running unbiased variance of the BN component, or null when not tracked.
+    /// Running unbiased variance of the BN component, or null when not tracked. Setting a tensor whose length is not
+    /// num_features is refused with an ArgumentException (as PyTorch refuses it in batch_norm); nothing changes then.
     member this.running_var
         with get (): torch.Tensor = this.get_buffer "running_var"
-        and set (v: torch.Tensor) = this.ConditionallyRegisterBuffer("running_var", v)
+        and set (v: torch.Tensor) =
+            this.CheckRunning("running_var", v)
+            this.ConditionallyRegisterBuffer("running_var", v)
+
+    member private _.CheckRunning(name: string, v: torch.Tensor) =
+        if not (isNull v) then
+            Checks.perChannel layerName name numFeatures v
 
     /// Number of training batches averaged into the running statistics (int64 scalar), or null when not tracked.
     member this.num_batches_tracked
@@ -256,19 +272,25 @@ type SwitchNormNd
     /// The mean mixture: the switch (SwitchKind, or the frozen selection) applied to mean_weight, as doubles in component order.
     member this.MeanMixture: float[] =
         use _ = torch.no_grad ()
-        use w = spec.Switch(this.mean_weight.detach().to_type torch.ScalarType.Float64)
+
+        use w =
+            spec.Switch.Apply(this.mean_weight.detach().to_type torch.ScalarType.Float64)
+
         w.data<float>().ToArray()
 
     /// The variance mixture: the switch (SwitchKind, or the frozen selection) applied to var_weight, as doubles in component order.
     member this.VarMixture: float[] =
         use _ = torch.no_grad ()
-        use w = spec.Switch(this.var_weight.detach().to_type torch.ScalarType.Float64)
+        use w = spec.Switch.Apply(this.var_weight.detach().to_type torch.ScalarType.Float64)
         w.data<float>().ToArray()
 
     member internal _.Spec = spec
 
     /// The communicator whose ranks share the BN statistics (synchronized layers only).
-    member internal _.Communicator = communicator
+    member internal _.Communicator =
+        match spec.Scope with
+        | Scope.Across c -> Some c
+        | Scope.Local -> None
 
     member internal this.Params: NormParams = {
         Weight =
@@ -296,7 +318,11 @@ type SwitchNormNd
                     if t.device_type = DeviceType.CPU && t.dtype = torch.ScalarType.Int64 then
                         Runtime.InteropServices.MemoryMarshal.Cast<byte, int64>(t.bytes)[0]
                     else
-                        t.item<int64> ()
+                        // a buffer on a device without data (meta) is refused by the state checks that follow
+                        try
+                            t.item<int64> ()
+                        with _ ->
+                            0L
             }
         else
             None
@@ -345,31 +371,20 @@ type SwitchNormNd
 
     /// <summary>Normalizes x; in training mode also updates the BN running statistics.</summary>
     override this.forward(x: torch.Tensor) : torch.Tensor =
-        let runningNow () =
-            if recalibrating then None else this.Running
+        let running = if recalibrating then None else this.Running
 
-        let running, result =
-            match communicator with
-            | None ->
-                this.CheckRank x
-                this.CheckState x
-                let running = runningNow ()
-                running, Functional.forwardCore false recalibrating layerName spec this.Params running this.training x
-            | Some comm ->
-                // a local error must reach the other ranks through the collective, or they would wait for ever
-                let running, localError =
-                    try
-                        this.CheckRank x
-                        this.CheckState x
-                        runningNow (), None
-                    with e ->
-                        None, Some e
+        let options = {
+            Layer = layerName
+            LocalChecks =
+                fun x ->
+                    this.CheckRank x
+                    this.CheckState x
+            CheckTensors = false
+            WantMoments = recalibrating
+        }
 
-                // decided from the configuration alone, so every rank decides alike even when its input was refused
-                let collective =
-                    spec.UsesBatch && (this.training || recalibrating || not trackRunningStats)
-
-                running, Sync.forward layerName comm collective localError spec this.Params running this.training x
+        let mode = if this.training then Mode.Train else Mode.Eval
+        let result = Functional.forwardCore options spec this.Params running mode x
 
         if recalibrating then
             match result.BatchMoments with
@@ -390,15 +405,15 @@ type SwitchNormNd
                         Some merged
             | None -> ()
         else
-            match running, result.Running with
-            | Some before, Some after when not (obj.ReferenceEquals(before, after)) ->
+            match result.Running with
+            | RunningUpdate.Updated after ->
                 use _ = torch.no_grad ()
                 this.running_mean.copy_ (after.Mean) |> ignore
                 this.running_var.copy_ (after.Var) |> ignore
                 this.num_batches_tracked.fill_ (after.BatchesTracked) |> ignore
                 after.Mean.Dispose()
                 after.Var.Dispose()
-            | _ -> ()
+            | RunningUpdate.Unchanged -> ()
 
         result.Output
 
@@ -408,8 +423,8 @@ type SwitchNormNd
 type SwitchNorm1d
     (
         num_features: int64,
-        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
-        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+        [<Optional; DefaultParameterValue(Defaults.Momentum)>] momentum: float,
         [<Optional; DefaultParameterValue(true)>] affine: bool,
         [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
         [<Optional>] device: torch.Device,
@@ -437,8 +452,8 @@ type SwitchNorm1d
 type SwitchNorm2d
     (
         num_features: int64,
-        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
-        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+        [<Optional; DefaultParameterValue(Defaults.Momentum)>] momentum: float,
         [<Optional; DefaultParameterValue(true)>] affine: bool,
         [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
         [<Optional>] device: torch.Device,
@@ -466,8 +481,8 @@ type SwitchNorm2d
 type SwitchNorm3d
     (
         num_features: int64,
-        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
-        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+        [<Optional; DefaultParameterValue(Defaults.Momentum)>] momentum: float,
         [<Optional; DefaultParameterValue(true)>] affine: bool,
         [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
         [<Optional>] device: torch.Device,
@@ -498,8 +513,8 @@ type SyncSwitchNorm1d
     (
         num_features: int64,
         communicator: ICommunicator,
-        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
-        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+        [<Optional; DefaultParameterValue(Defaults.Momentum)>] momentum: float,
         [<Optional; DefaultParameterValue(true)>] affine: bool,
         [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
         [<Optional>] device: torch.Device,
@@ -536,8 +551,8 @@ type SyncSwitchNorm2d
     (
         num_features: int64,
         communicator: ICommunicator,
-        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
-        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+        [<Optional; DefaultParameterValue(Defaults.Momentum)>] momentum: float,
         [<Optional; DefaultParameterValue(true)>] affine: bool,
         [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
         [<Optional>] device: torch.Device,
@@ -569,8 +584,8 @@ type SyncSwitchNorm3d
     (
         num_features: int64,
         communicator: ICommunicator,
-        [<Optional; DefaultParameterValue(1e-5)>] eps: float,
-        [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+        [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+        [<Optional; DefaultParameterValue(Defaults.Momentum)>] momentum: float,
         [<Optional; DefaultParameterValue(true)>] affine: bool,
         [<Optional; DefaultParameterValue(true)>] track_running_stats: bool,
         [<Optional>] device: torch.Device,

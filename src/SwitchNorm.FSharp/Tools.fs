@@ -280,7 +280,7 @@ module SparseSwitch =
     /// Sets the switch of every switchable normalizer in the model (frozen layers keep theirs); returns how many were set.
     [<CompiledName("Use")>]
     let useSwitch (kind: SwitchKind) (model: torch.nn.Module) : int =
-        Mixing.ofKind kind 0.0 |> ignore // refuses an unknown kind before anything changes
+        Switch.OfKind(kind, 0.0) |> ignore // refuses an unknown kind before anything changes
 
         Mixture.modules model
         |> List.filter (fun (_, s) -> not s.IsFrozen)

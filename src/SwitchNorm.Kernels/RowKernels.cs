@@ -10,6 +10,21 @@ using System.Runtime.Intrinsics.X86;
 namespace SwitchNorm.Kernels;
 
 /// <summary>
+/// How a mixed statistic is grouped over the rows (n, c), and so how it is stored and how its gradient is pooled:
+/// IN per row (N·C values), LN per sample (N values), BN per channel (C values, from the batch or the running
+/// statistics). Shared by the F# core's statistics table and these kernels.
+/// </summary>
+internal enum StatGroup
+{
+    /// <summary>One value per row (n, c): instance normalization.</summary>
+    PerRow = 0,
+    /// <summary>One value per sample n: layer normalization.</summary>
+    PerSample = 1,
+    /// <summary>One value per channel c: batch normalization.</summary>
+    PerChannel = 2,
+}
+
+/// <summary>
 /// Per-row passes of the fused normalizer over contiguous float32 data laid out as rows of <c>s</c> values
 /// (one row per (n, c)), for the rows <c>[lo, hi)</c>. Vectorized with <see cref="Vector{T}"/>; each row is
 /// summed in float32 lanes over blocks of 1024 values and the block sums are added in float64, so the float32
@@ -471,7 +486,7 @@ internal static unsafe class RowKernels
     }
 
     // The O(N·C) work between the passes, over rows i = n·C + c. A statistic is stored per group of its kind:
-    // kind 0 per row (N·C values), 1 per sample (N), 2 per channel (C). Every loop runs per sample over its C rows,
+    // StatGroup.PerRow (N·C values), PerSample (N) or PerChannel (C). Every loop runs per sample over its C rows,
     // vectorized across channels (Vector<double>), with the kind dispatched once per sample and statistic: seen by
     // a sample's rows, a per-row statistic is the sample's slice, a per-channel one the whole array, and a per-sample
     // one a constant (a scratch row filled with it).
@@ -520,12 +535,12 @@ internal static unsafe class RowKernels
 
     /// <summary>
     /// The mixture of every row: mu[i] = Σⱼ wmⱼ·(meanⱼ − rowMean[i]) + rowMean[i] and r[i] = 1/sqrt(Σⱼ wvⱼ·varⱼ + eps),
-    /// over the k statistics, each stored per group of its kind (0 per row, 1 per sample, 2 per channel); varⱼ is the
+    /// over the k statistics, each stored per group of its kind (per row, per sample or per channel: StatGroup); varⱼ is the
     /// stored value times varScale[j] (1/S for a per-row statistic stored as its M2, 1 otherwise).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void MixAll(
-        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] varScale, double[] wm, double[] wv,
+        int n, int c, int k, StatGroup[] kinds, double[][] means, double[][] vars, double[] varScale, double[] wm, double[] wv,
         double[] rowMean, double eps, double[] mu, double[] r)
     {
         var scratchM = new double[c];
@@ -551,14 +566,14 @@ internal static unsafe class RowKernels
     }
 
     /// <summary>
-    /// The mixture of one sample's c rows in one pass, without intermediate arrays: kind 0 is the row's own statistic
-    /// (its mean and M2·invS), kind 1 the sample's (<paramref name="sampleMean"/>, <paramref name="sampleVar"/>), kind 2
+    /// The mixture of one sample's c rows in one pass, without intermediate arrays: PerRow is the row's own statistic
+    /// (its mean and M2·invS), PerSample the sample's (<paramref name="sampleMean"/>, <paramref name="sampleVar"/>), PerChannel
     /// a per-channel one (<paramref name="channelMean"/>, <paramref name="channelVar"/>). The same operations, in the
     /// same order, as Scale and MixAll, so the results are bitwise theirs.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void MixSample(
-        int c, int k, int[] kinds, double[] rowMean, double[] rowM2, double invS, double sampleMean, double sampleVar,
+        int c, int k, StatGroup[] kinds, double[] rowMean, double[] rowM2, double invS, double sampleMean, double sampleVar,
         double[]? channelMean, double[]? channelVar, double[] wm, double[] wv, double eps, double[] mu, double[] r)
     {
         int w = Vector<double>.Count, b = 0;
@@ -579,11 +594,11 @@ internal static unsafe class RowKernels
 
                 switch (kinds[j])
                 {
-                    case 0:
+                    case StatGroup.PerRow:
                         mean = rm;
                         var = new Vector<double>(rowM2, b) * vInvS;
                         break;
-                    case 1:
+                    case StatGroup.PerSample:
                         mean = vSampleMean;
                         var = vSampleVar;
                         break;
@@ -607,9 +622,9 @@ internal static unsafe class RowKernels
 
             for (int j = 0; j < k; j++)
             {
-                int kind = kinds[j];
-                double mean = kind == 0 ? rm : kind == 1 ? sampleMean : channelMean![b];
-                double var = kind == 0 ? rowM2[b] * invS : kind == 1 ? sampleVar : channelVar![b];
+                StatGroup kind = kinds[j];
+                double mean = kind == StatGroup.PerRow ? rm : kind == StatGroup.PerSample ? sampleMean : channelMean![b];
+                double var = kind == StatGroup.PerRow ? rowM2[b] * invS : kind == StatGroup.PerSample ? sampleVar : channelVar![b];
                 m += wm[j] * (mean - rm);
                 v += wv[j] * var;
             }
@@ -626,7 +641,7 @@ internal static unsafe class RowKernels
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void GradMix(
-        int n, int c, int k, int[] kinds, double[][] means, double[][] vars, double[] varScale, double[] rowMean,
+        int n, int c, int k, StatGroup[] kinds, double[][] means, double[][] vars, double[] varScale, double[] rowMean,
         double[] sumG, double[] sumGx, double[] centre, double[] mu, double[] r, double[]? gamma,
         double[] gr, double[] dMu, double[] dVar, double[] dGamma, double[] dBeta, double[] dwm, double[] dwv,
         double[] muSample, double[] muChannel, double[] varSample, double[] varChannel)
@@ -709,7 +724,7 @@ internal static unsafe class RowKernels
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void InputCoefficients(
-        int n, int c, int k, int[] kinds, bool[] live, double[] counts, double[] wm, double[] wv, double[][] means,
+        int n, int c, int k, StatGroup[] kinds, bool[] live, double[] counts, double[] wm, double[] wv, double[][] means,
         double[] dMu, double[] dVar, double[] muSample, double[] muChannel, double[] varSample, double[] varChannel,
         double[] centre, double[] q, double[] c0)
     {
@@ -732,20 +747,20 @@ internal static unsafe class RowKernels
                     continue;
 
                 // the gradients reaching statistic j, as seen by this sample's rows
-                int kind = kinds[j];
-                var dm = kind == 0 ? dMu.AsSpan(row0, c) : kind == 1 ? Filled(s1, muSample[a]) : muChannel.AsSpan(0, c);
-                var dv = kind == 0 ? dVar.AsSpan(row0, c) : kind == 1 ? Filled(s2, varSample[a]) : varChannel.AsSpan(0, c);
+                StatGroup kind = kinds[j];
+                var dm = kind == StatGroup.PerRow ? dMu.AsSpan(row0, c) : kind == StatGroup.PerSample ? Filled(s1, muSample[a]) : muChannel.AsSpan(0, c);
+                var dv = kind == StatGroup.PerRow ? dVar.AsSpan(row0, c) : kind == StatGroup.PerSample ? Filled(s2, varSample[a]) : varChannel.AsSpan(0, c);
                 Coefficients(qRow, cRow, dm, dv, centreRow, Seen(kind, means[j], a, c, s3), 2.0 * wv[j] / counts[j], wm[j] / counts[j]);
             }
         }
     }
 
     /// <summary>A statistic stored per group of its kind, as seen by the C rows of sample a.</summary>
-    private static Span<double> Seen(int kind, double[] stat, int a, int c, double[] scratch) =>
+    private static Span<double> Seen(StatGroup kind, double[] stat, int a, int c, double[] scratch) =>
         kind switch
         {
-            0 => stat.AsSpan(a * c, c),
-            1 => Filled(scratch, stat[a]),
+            StatGroup.PerRow => stat.AsSpan(a * c, c),
+            StatGroup.PerSample => Filled(scratch, stat[a]),
             _ => stat.AsSpan(0, c),
         };
 

@@ -37,7 +37,7 @@ let private loss (s: Setup) =
         VarLogits = t s.Lv [| int64 s.Lv.Length |]
     }
 
-    let r = Functional.forward "test" spec p None true (t s.X s.Shape)
+    let r = Functional.forward spec p None Mode.Train (t s.X s.Shape)
     (r.Output * t s.G s.Shape).sum().item<float> ()
 
 let private setup (usingBn: bool) (shape: int64[]) =
@@ -76,7 +76,7 @@ let private autograd (s: Setup) =
         VarLogits = lv
     }
 
-    let r = Functional.forward "test" spec p None true x
+    let r = Functional.forward spec p None Mode.Train x
     (r.Output * torch.tensor(s.G, dtype = f64).reshape (s.Shape)).sum().backward ()
     toArray x.grad, toArray w.grad, toArray b.grad, toArray lm.grad, toArray lv.grad
 

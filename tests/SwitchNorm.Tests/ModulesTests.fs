@@ -201,10 +201,19 @@ let ``the output can be modified in place, as after an in-place ReLU`` (dtypeNam
 [<Fact>]
 let ``a custom switch must return convex weights, on every path`` () =
     let x = randnSeeded 12L [| 2L; 3L; 4L; 4L |] torch.ScalarType.Float64
-    let sharp: Switch = fun l -> (l * 2.0).softmax 0L
-    let notConvex: Switch = fun l -> l.sigmoid ()
+    let sharp = Switch.Custom("sharp", fun l -> (l * 2.0).softmax 0L)
+    let notConvex = Switch.Custom("sigmoid", fun l -> l.sigmoid ())
 
+    // the row path (float32) against the tensor path (float64)
     let forward (switch: Switch) fused =
+        let dtype =
+            if fused then
+                torch.ScalarType.Float32
+            else
+                torch.ScalarType.Float64
+
+        let x = x.to_type dtype
+
         let spec = {
             Norm.paper with
                 Switch = switch
@@ -213,19 +222,23 @@ let ``a custom switch must return convex weights, on every path`` () =
 
         let p = {
             Norm.initParams spec 3L with
-                MeanLogits = torch.tensor ([| 0.3; -1.0; 0.5 |], dtype = torch.ScalarType.Float64)
-                VarLogits = torch.tensor ([| 1.0; 0.0; -0.5 |], dtype = torch.ScalarType.Float64)
+                MeanLogits = torch.tensor ([| 0.3; -1.0; 0.5 |], dtype = dtype)
+                VarLogits = torch.tensor ([| 1.0; 0.0; -0.5 |], dtype = dtype)
         }
 
         let p = {
             p with
-                Weight = p.Weight |> Option.map (fun w -> w.to_type torch.ScalarType.Float64)
-                Bias = p.Bias |> Option.map (fun b -> b.to_type torch.ScalarType.Float64)
+                Weight = p.Weight |> Option.map (fun w -> w.to_type dtype)
+                Bias = p.Bias |> Option.map (fun b -> b.to_type dtype)
         }
 
-        (Norm.apply spec p None true x).Output
+        (Norm.apply spec p None Mode.Train x).Output
 
-    assertClose "a convex custom switch: fused vs composed" 1e-10 (forward sharp true) (forward sharp false)
+    assertClose
+        "a convex custom switch: row path (float32) vs tensor path (float64)"
+        (tol torch.ScalarType.Float32)
+        (forward sharp true)
+        (forward sharp false)
 
     for fused in [ true; false ] do
         throws<ArgumentException> (fun () -> box (forward notConvex fused)) [ "convex weights"; "sum" ]
@@ -302,7 +315,7 @@ let ``the functional normalizer returns the batch's per-channel moments in train
         VarLogits = m.var_weight
     }
 
-    let r = Functional.forward "test" Functional.paper p (Some running) true x
+    let r = Functional.forward Functional.paper p (Some running) Mode.Train x
     let b = r.BatchMoments.Value
     let x64 = x.to_type torch.ScalarType.Float64
     let mean = x64.mean ([| 0L; 2L; 3L |], keepdim = true)

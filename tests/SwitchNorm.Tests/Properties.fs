@@ -132,11 +132,9 @@ module XunitRunner =
     [<Property>]
     let ``IN slices are normalized`` s seed = instanceSlicesNormalized s seed
 
+    // float64 takes the tensor path whatever Fused says, so only float32 has two paths to compare
     [<Property>]
-    let ``fused equals composed, float64`` c = fusedEqualsComposed f64 c
-
-    [<Property>]
-    let ``fused equals composed, float32`` c = fusedEqualsComposed f32 c
+    let ``row path equals tensor path, float32`` c = fusedEqualsComposed f32 c
 
     [<Property>]
     let ``agrees with the float64 array reference, float64`` c = referenceAgreement f64 c
@@ -222,8 +220,7 @@ module ExpectoRunner =
             testPropertyWithConfig config "translation invariance" translationInvariant
             testPropertyWithConfig config "batch permutation equivariance" batchPermutationEquivariant
             testPropertyWithConfig config "IN slices are normalized" instanceSlicesNormalized
-            testPropertyWithConfig config "fused equals composed, float64" (fusedEqualsComposed f64)
-            testPropertyWithConfig config "fused equals composed, float32" (fusedEqualsComposed f32)
+            testPropertyWithConfig config "row path equals tensor path, float32" (fusedEqualsComposed f32)
             testPropertyWithConfig config "agrees with the float64 array reference, float64" (referenceAgreement f64)
             testPropertyWithConfig config "agrees with the float64 array reference, float32" (referenceAgreement f32)
             testPropertyWithConfig config "sample-by-sample output is the same with and without a graph" evalSameWithAndWithoutGraph

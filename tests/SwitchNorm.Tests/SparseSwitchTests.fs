@@ -58,7 +58,7 @@ let ``a sparsestmax module computes the functional normalizer with that switch, 
 
     let spec =
         Norm.paper
-        |> Norm.withSwitch (Mixing.sparsestmax 0.3)
+        |> Norm.withSwitch (Switch.Sparsestmax 0.3)
         |> fun s -> { s with Fused = false }
 
     let p = {
@@ -82,7 +82,7 @@ let ``a sparsestmax module computes the functional normalizer with that switch, 
                         Var = r.Var.to_type f64
                 }
             ))
-            true
+            Mode.Train
             xr
 
     (r.Output * g).sum().backward ()

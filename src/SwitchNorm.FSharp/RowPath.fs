@@ -11,15 +11,10 @@ open Microsoft.FSharp.NativeInterop
 open TorchSharp
 open SwitchNorm.Kernels
 
-/// Access to tensor memory and row parallelism for the kernel normalizer. The row passes themselves are in
+/// Row parallelism for the row path. The row passes themselves are in
 /// SwitchNorm.Kernels (C#), because F# does not emit MethodImplOptions.AggressiveOptimization and those
 /// loops must be optimized from the first call.
-module internal Kernel =
-
-    /// The address of a contiguous CPU tensor's first element.
-    let pointer (t: torch.Tensor) : nativeptr<float32> =
-        let bytes = t.bytes
-        NativePtr.ofVoidPtr (Unsafe.AsPointer(&MemoryMarshal.GetReference bytes))
+module internal Rows =
 
     /// <summary>
     /// Runs body over rows [0, rows): on the calling thread for small inputs or one libtorch thread, otherwise split
@@ -105,44 +100,6 @@ type internal KernelSaved = {
 /// The fused normalizer on float32 CPU data: one kernel call per pass over the data, O(N·C) mixing in float64.
 module internal KernelNorm =
 
-    /// Reads a small tensor's values as float64, straight from its memory when it is a contiguous float32 or
-    /// float64 CPU tensor (TorchSharp's data&lt;T&gt;().ToArray() costs several native calls per read).
-    let private values (t: torch.Tensor) : float[] =
-        let direct = t.device_type = DeviceType.CPU && t.is_contiguous ()
-
-        if direct && t.dtype = torch.ScalarType.Float64 then
-            MemoryMarshal.Cast<byte, float>(t.bytes).ToArray()
-        elif direct && t.dtype = torch.ScalarType.Float32 then
-            let src = MemoryMarshal.Cast<byte, float32>(t.bytes)
-            let a = Array.zeroCreate src.Length
-
-            for i in 0 .. src.Length - 1 do
-                a[i] <- float src[i]
-
-            a
-        else
-            use d = t.detach().to_type(torch.ScalarType.Float64).cpu().contiguous ()
-            MemoryMarshal.Cast<byte, float>(d.bytes).ToArray()
-
-    /// A CPU tensor of the given dtype holding the float64 values v, made directly when the dtype is float32 or float64.
-    let tensorOf (dtype: torch.ScalarType) (v: float[]) =
-        match dtype with
-        | torch.ScalarType.Float32 -> torch.tensor (Array.map float32 v)
-        | torch.ScalarType.Float64 -> torch.tensor (v, dtype = torch.ScalarType.Float64)
-        | other -> torch.tensor(v, dtype = torch.ScalarType.Float64).to_type other
-
-    /// <summary>
-    /// A tensor of like's dtype and device holding the float64 values v, made directly in a float32 or float64 CPU
-    /// dtype (one native call instead of a float64 tensor, a conversion and a move).
-    /// </summary>
-    let tensorLike (like: torch.Tensor) (v: float[]) =
-        let t = tensorOf like.dtype v
-
-        if like.device_type = DeviceType.CPU then
-            t
-        else
-            t.``to`` like.device
-
     /// softmax(l) in float64, stable for any finite logits.
     let softmax (l: float[]) =
         let m = Array.max l
@@ -155,9 +112,6 @@ module internal KernelNorm =
     let softmaxBackward (w: float[]) (dw: float[]) =
         let dot = Array.fold2 (fun acc a b -> acc + a * b) 0.0 w dw
         Array.map2 (fun wi dwi -> wi * (dwi - dot)) w dw
-
-    /// Reads a small tensor (weights, logits, running statistics) as float64 values.
-    let read (t: torch.Tensor) = values t
 
     /// Whether x3 (N, C, S) can go through the row kernels.
     let applies (x3: torch.Tensor) =
@@ -184,11 +138,11 @@ module internal KernelNorm =
     let rowStats (x3: torch.Tensor) : RowStats =
         let n, c, s = int (x3.size 0), int (x3.size 1), int (x3.size 2)
         let rows = n * c
-        let px = Kernel.pointer x3
+        let px = TensorData.pointer x3
         let centre = GC.AllocateUninitializedArray<float> rows
         let mean = GC.AllocateUninitializedArray<float> rows
         let m2 = GC.AllocateUninitializedArray<float> rows
-        Kernel.forRows rows s (fun lo hi -> RowKernels.Stats(px, s, centre, mean, m2, lo, hi))
+        Rows.forRows rows s (fun lo hi -> RowKernels.Stats(px, s, centre, mean, m2, lo, hi))
 
         {
             N = n
@@ -208,16 +162,43 @@ module internal KernelNorm =
         let count = RowKernels.Pool(st.N, st.C, st.S, st.Mean, st.M2, bySample, mean, var)
         count, mean, var
 
-    /// The code of a statistic's grouping in the row kernels: 0 per row, 1 per sample, 2 per channel.
-    let private code (kind: StatKind) =
-        match kind with
-        | PerRow -> 0
-        | PerSample -> 1
-        | PerChannel
-        | Constant -> 2
+    /// <summary>
+    /// The per-channel (BN) statistic of the scope's batch: the rows' own pooled count, mean and biased variance for
+    /// Scope.Local; for Scope.Across, the global mean from an allreduce of the C per-channel sums, then the global M2
+    /// about it from an allreduce of count·(var + (mean − globalMean)²) per channel (the parallel-variance formula):
+    /// exactly the full batch's statistics for shards of any size, with no E[x²] − E[x]².
+    /// </summary>
+    let private batchStatistic (scope: Scope) (total: float) (st: RowStats) =
+        let count, mean, var = pool st false
 
-    /// Each component's statistic, per group.
-    let plan (st: RowStats) (kinds: StatKind list) (running: (torch.Tensor * torch.Tensor) option) (eps: float) =
+        match scope with
+        | Scope.Local -> count, mean, var
+        | Scope.Across comm ->
+            let sums = Array.init st.C (fun i -> count * mean[i])
+            comm.AllreduceSum sums
+            let meanG = sums |> Array.map (fun v -> v / total)
+
+            let m2 =
+                Array.init st.C (fun i ->
+                    let d = mean[i] - meanG[i]
+                    count * var[i] + count * d * d)
+
+            comm.AllreduceSum m2
+            total, meanG, m2 |> Array.map (fun v -> v / total)
+
+    /// <summary>
+    /// Each component's statistic, per group, following the table (Statistics): the rows' own moments for PerRow,
+    /// pooled ones for PerSample and PerChannel (over the scope's ranks), the running statistics for Constant.
+    /// <paramref name="total"/> is the scope's number of values per channel.
+    /// </summary>
+    let plan
+        (scope: Scope)
+        (total: float)
+        (st: RowStats)
+        (kinds: StatKind list)
+        (running: (torch.Tensor * torch.Tensor) option)
+        (eps: float)
+        =
         let comp (kind: StatKind) =
             match kind with
             | PerRow -> {
@@ -227,9 +208,18 @@ module internal KernelNorm =
                 Var = st.M2
                 VarScale = 1.0 / float st.S
               }
-            | PerSample
+            | PerSample ->
+                let count, mean, var = pool st true
+
+                {
+                    Kind = kind
+                    Count = count
+                    Mean = mean
+                    Var = var
+                    VarScale = 1.0
+                }
             | PerChannel ->
-                let count, mean, var = pool st (kind = PerSample)
+                let count, mean, var = batchStatistic scope total st
 
                 {
                     Kind = kind
@@ -243,17 +233,22 @@ module internal KernelNorm =
                 | Some(m, v) -> {
                     Kind = kind
                     Count = 0.0
-                    Mean = values m
-                    Var = values v
+                    Mean = TensorData.read m
+                    Var = TensorData.read v
                     VarScale = 1.0
                   }
                 | None -> invalidOp "unreachable: constant statistics without running statistics"
+
+        let reducer =
+            match scope with
+            | Scope.Across comm when List.contains PerChannel kinds -> Some comm
+            | _ -> None
 
         {
             Stats = st
             Components = kinds |> List.map comp |> Array.ofList
             Eps = eps
-            Reducer = None
+            Reducer = reducer
         }
 
     /// Mixed mean and 1/sqrt(var + eps) per row, into mu and r (at least N·C long).
@@ -266,7 +261,7 @@ module internal KernelNorm =
             st.N,
             st.C,
             comps.Length,
-            comps |> Array.map (fun comp -> code comp.Kind),
+            comps |> Array.map (fun comp -> Statistics.group comp.Kind),
             comps |> Array.map (fun comp -> comp.Mean),
             comps |> Array.map (fun comp -> comp.Var),
             comps |> Array.map (fun comp -> comp.VarScale),
@@ -291,10 +286,10 @@ module internal KernelNorm =
         try
             mixInto plan wm wv mu r
             let y = torch.empty_like x3
-            let px = Kernel.pointer x3
-            let py = Kernel.pointer y
+            let px = TensorData.pointer x3
+            let py = TensorData.pointer y
             let g, b = defaultArg gamma null, defaultArg beta null
-            Kernel.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.C, st.S, st.Centre, r, mu, g, b, lo, hi))
+            Rows.forRows rows st.S (fun lo hi -> RowKernels.Affine(px, py, st.C, st.S, st.Centre, r, mu, g, b, lo, hi))
             y
         finally
             pool.Return mu
@@ -319,11 +314,11 @@ module internal KernelNorm =
         (keep: RowStats option)
         =
         let n, c, s = int (x3.size 0), int (x3.size 1), int (x3.size 2)
-        let codes = kinds |> List.map code |> Array.ofList
+        let codes = kinds |> List.map Statistics.group |> Array.ofList
 
         let runMean, runVar =
             match running with
-            | Some(m, v) when List.contains Constant kinds -> values m, values v
+            | Some(m, v) when List.contains Constant kinds -> TensorData.read m, TensorData.read v
             | _ -> null, null
 
         if
@@ -333,13 +328,13 @@ module internal KernelNorm =
             invalidOp "unreachable: sampleOutput with batch statistics"
 
         let y = torch.empty_like x3
-        let px = Kernel.pointer x3
-        let py = Kernel.pointer y
+        let px = TensorData.pointer x3
+        let py = TensorData.pointer y
         let g, b = defaultArg gamma null, defaultArg beta null
-        let hasSample = Array.contains 1 codes
+        let hasSample = List.contains PerSample kinds
         let sampleLen = c * s
 
-        Kernel.forRows n sampleLen (fun lo hi ->
+        Rows.forRows n sampleLen (fun lo hi ->
             // one sample's statistics, reused from sample to sample
             let centre, mean, m2 = Array.zeroCreate c, Array.zeroCreate c, Array.zeroCreate c
             let mu, r = Array.zeroCreate c, Array.zeroCreate c
@@ -388,8 +383,8 @@ module internal KernelNorm =
         let plan = sv.Plan
         let st = plan.Stats
         let rows = st.N * st.C
-        let px = Kernel.pointer x3
-        let pg = Kernel.pointer grad3
+        let px = TensorData.pointer x3
+        let pg = TensorData.pointer grad3
         // Per-row temporaries come from a pool: a training loop would otherwise allocate about 60 bytes per
         // (n, c) row per step for the GC to collect.
         let pool = Buffers.ArrayPool<float>.Shared
@@ -400,11 +395,11 @@ module internal KernelNorm =
 
         try
             mixInto plan sv.WMean sv.WVar mu r
-            Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradSums(pg, px, st.S, st.Centre, sumG, sumGx, lo, hi))
+            Rows.forRows rows st.S (fun lo hi -> RowKernels.GradSums(pg, px, st.S, st.Centre, sumG, sumGx, lo, hi))
 
             let k = plan.Components.Length
             let comps = plan.Components
-            let kinds = comps |> Array.map (fun comp -> code comp.Kind)
+            let kinds = comps |> Array.map (fun comp -> Statistics.group comp.Kind)
             let means = comps |> Array.map (fun comp -> comp.Mean)
             let dGamma = Array.zeroCreate st.C
             let dBeta = Array.zeroCreate st.C
@@ -479,8 +474,8 @@ module internal KernelNorm =
                     )
 
                     let dx = torch.empty_like x3
-                    let pd = Kernel.pointer dx
-                    Kernel.forRows rows st.S (fun lo hi -> RowKernels.GradInput(pg, px, pd, st.S, st.Centre, gr, q, c0, lo, hi))
+                    let pd = TensorData.pointer dx
+                    Rows.forRows rows st.S (fun lo hi -> RowKernels.GradInput(pg, px, pd, st.S, st.Centre, gr, q, c0, lo, hi))
                     dx
 
             dx, dGamma, dBeta, dwm, dwv
@@ -500,19 +495,19 @@ type internal SwitchNormKernelFunction() =
     override _.Name = "SwitchNormKernelBackward"
 
     override _.forward(ctx, vars) =
-        let tensorAt = Fused.tensorAt vars
+        let tensorAt = Autograd.tensorAt vars
         let x3 = tensorAt 0
         let gamma, beta, wm, wv = tensorAt 1, tensorAt 2, tensorAt 3, tensorAt 4
         let softmaxInside = vars[6] :?> bool
 
         let read t =
-            if isNull t then None else Some(KernelNorm.read t)
+            if isNull t then None else Some(TensorData.read t)
 
         let weights t =
             if softmaxInside then
-                KernelNorm.softmax (KernelNorm.read t)
+                KernelNorm.softmax (TensorData.read t)
             else
-                KernelNorm.read t
+                TensorData.read t
 
         let wMean, wVar = weights wm, weights wv
         let g = read gamma
@@ -525,12 +520,13 @@ type internal SwitchNormKernelFunction() =
                 let y =
                     KernelNorm.sampleOutput x3 d.Kinds d.Running d.Eps g (read beta) wMean wVar (Some st)
 
-                KernelNorm.plan st d.Kinds d.Running d.Eps, y
+                KernelNorm.plan Scope.Local 0.0 st d.Kinds d.Running d.Eps, y
             | plan ->
                 let plan = plan :?> KernelPlan
                 plan, KernelNorm.output x3 plan g (read beta) wMean wVar
 
         ctx.save_for_backward (List<torch.Tensor>([ x3; gamma; beta; wm; wv ]))
+        Autograd.record ctx vars
 
         ctx.save_data (
             "saved",
@@ -549,6 +545,9 @@ type internal SwitchNormKernelFunction() =
         y
 
     override _.backward(ctx, grad) =
+        Autograd.guarded "SwitchNorm" ctx (fun () -> SwitchNormKernelFunction.Backward(ctx, grad))
+
+    static member private Backward(ctx: torch.autograd.AutogradContext, grad: torch.Tensor) =
         GradHandOver.Release()
         use scope = torch.NewDisposeScope()
         let sv = ctx.get_data "saved" :?> KernelSaved
@@ -556,29 +555,54 @@ type internal SwitchNormKernelFunction() =
         let x3 = saved[0]
         let st = sv.Plan.Stats
 
-        if torch.is_grad_enabled () && sv.Plan.Reducer.IsSome then
-            raise (NotSupportedException("SyncSwitchNorm: second derivatives (create_graph) are not supported."))
-        elif torch.is_grad_enabled () then
-            // create_graph: differentiate the composition, with a graph, so higher derivatives are exact.
+        if torch.is_grad_enabled () then
+            // create_graph: differentiate the composition, with a graph, so higher derivatives are exact. A synchronized
+            // layer's composition pools BN over the same ranks again (every rank runs this backward, so the collectives
+            // match), over the global count the forward agreed on.
             let gamma, beta, wm, wv = saved[1], saved[2], saved[3], saved[4]
-            let kinds = sv.Plan.Components |> Array.map (fun c -> c.Kind)
+
+            let scope, total =
+                match sv.Plan.Reducer with
+                | Some comm -> Scope.Across comm, (sv.Plan.Components |> Array.find (fun c -> c.Kind = PerChannel)).Count
+                | None -> Scope.Local, 0.0
+
+            let kinds = sv.Plan.Components |> Array.map (fun c -> c.Kind) |> List.ofArray
 
             let constants =
                 sv.Plan.Components
                 |> Array.tryFind (fun c -> c.Kind = Constant)
                 |> Option.map (fun c -> torch.tensor c.Mean, torch.tensor c.Var)
 
+            let f64 = torch.ScalarType.Float64
+
+            // the composition in float64, as the row path mixes
             let weights (t: torch.Tensor) =
                 if sv.SoftmaxInside then
-                    t.to_type(torch.ScalarType.Float64).softmax 0L
+                    t.to_type(f64).softmax 0L
                 else
-                    t
+                    t.to_type f64
 
-            let y =
-                Fused.composedOutput kinds constants sv.Plan.Eps x3 gamma beta (weights wm) (weights wv)
+            let in64 (t: torch.Tensor) =
+                if isNull t then null else t.to_type f64
+
+            let y, _ =
+                TensorPath.forward
+                    scope
+                    total
+                    kinds
+                    constants
+                    sv.Plan.Eps
+                    (in64 gamma)
+                    (in64 beta)
+                    (weights wm)
+                    (weights wv)
+                    (x3.to_type f64)
 
             let g3 = grad.reshape (int64 st.N, int64 st.C, int64 st.S)
-            let grads = Fused.differentiableGrads [ x3; gamma; beta; wm; wv ] y g3
+
+            let grads =
+                Autograd.differentiableGrads [ x3; gamma; beta; wm; wv ] y (g3.to_type f64)
+
             GradHandOver.Keep grads
             List<torch.Tensor>(grads @ [ null; null ])
         else
@@ -594,7 +618,7 @@ type internal SwitchNormKernelFunction() =
                     else
                         dw
 
-                KernelNorm.tensorOf sv.WeightsDtype d
+                TensorData.tensorOf sv.WeightsDtype d
 
             let grads = [
                 dx
@@ -608,3 +632,91 @@ type internal SwitchNormKernelFunction() =
             grad.Dispose()
             // none for the plan and the softmax flag
             List<torch.Tensor>(grads @ [ null; null ])
+
+/// The mixing weights as the row path takes them.
+type internal RowWeights = {
+    /// The mean logits (SoftmaxInside) or the switch's float64 mean weights.
+    Mean: torch.Tensor
+    /// The variance logits (SoftmaxInside) or the switch's float64 variance weights.
+    Var: torch.Tensor
+    /// The weights are the softmax of Mean and Var, taken in float64 by the kernels (the paper's switch).
+    SoftmaxInside: bool
+}
+
+/// <summary>
+/// The row path: float32 CPU inputs through the row kernels (SwitchNorm.Kernels), with a hand-written backward. Two
+/// schedules of the same kernels and per-row arithmetic: when a statistic spans samples (BN from the batch), the whole
+/// batch's row statistics, then the plan, then the output; otherwise sample by sample, each while it is in cache.
+/// </summary>
+module internal RowPath =
+
+    /// Whether x3 (N, C, S) can go through the row kernels: float32, on the CPU, non-empty, and small enough for
+    /// 32-bit offsets.
+    let applies (x3: torch.Tensor) = KernelNorm.applies x3
+
+    /// <summary>
+    /// The output (N, C, S) of x3, through the kernel function when a gradient is needed and directly otherwise, and,
+    /// when BN used the batch, the scope's per-channel (count, mean, biased variance).
+    /// </summary>
+    let forward
+        (scope: Scope)
+        (total: float)
+        (kinds: StatKind list)
+        (running: (torch.Tensor * torch.Tensor) option)
+        (eps: float)
+        (gamma: torch.Tensor)
+        (beta: torch.Tensor)
+        (w: RowWeights)
+        (x3: torch.Tensor)
+        =
+        let x3c = if x3.is_contiguous () then x3 else x3.contiguous ()
+        let graph = Autograd.needsGraph [ x3c; gamma; beta; w.Mean; w.Var ]
+
+        let weights (t: torch.Tensor) =
+            if w.SoftmaxInside then
+                KernelNorm.softmax (TensorData.read t)
+            else
+                TensorData.read t
+
+        let through (plan: obj) =
+            torch.autograd.SingleTensorFunction<SwitchNormKernelFunction>
+                .apply (box x3c, box gamma, box beta, box w.Mean, box w.Var, plan, box w.SoftmaxInside)
+
+        if not (List.contains PerChannel kinds) then
+            if graph then
+                // the kernel function's forward goes sample by sample too, and builds the backward's plan from its moments
+                through (
+                    box {
+                        Kinds = kinds
+                        Running = running
+                        Eps = eps
+                    }
+                ),
+                None
+            else
+                KernelNorm.sampleOutput
+                    x3c
+                    kinds
+                    running
+                    eps
+                    (TensorData.readOption gamma)
+                    (TensorData.readOption beta)
+                    (weights w.Mean)
+                    (weights w.Var)
+                    None,
+                None
+        else
+            let plan = KernelNorm.plan scope total (KernelNorm.rowStats x3c) kinds running eps
+
+            let batch =
+                plan.Components
+                |> Array.tryFind (fun comp -> comp.Kind = PerChannel)
+                |> Option.map (fun comp -> comp.Count, comp.Mean, comp.Var)
+
+            let y3 =
+                if graph then
+                    through (box plan)
+                else
+                    KernelNorm.output x3c plan (TensorData.readOption gamma) (TensorData.readOption beta) (weights w.Mean) (weights w.Var)
+
+            y3, batch

@@ -14,3 +14,15 @@ type ICommunicator =
     abstract Size: int
     /// Replaces values, on every rank, by their elementwise sum over all ranks (collective).
     abstract AllreduceSum: values: float[] -> unit
+
+/// <summary>
+/// Over which rows the BN statistic is pooled: this process's batch (<c>Local</c>), or the global batch split across
+/// the ranks of a communicator (<c>Across</c>, what SyncSwitchNorm uses). IN and LN are per sample, so local either
+/// way. As Equinox's BatchNorm takes an axis name, this is a parameter of the one normalizer, not a second one.
+/// </summary>
+[<RequireQualifiedAccess>]
+type Scope =
+    /// The batch of this process.
+    | Local
+    /// The global batch: per channel, the counts, sums and centred sums of squares are summed over the ranks.
+    | Across of ICommunicator

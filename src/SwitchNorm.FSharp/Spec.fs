@@ -1,0 +1,107 @@
+namespace SwitchNorm
+
+open TorchSharp
+
+/// The defaults of BatchNorm that every constructor, factory and spec shares.
+[<RequireQualifiedAccess>]
+module Defaults =
+
+    /// Added to the mixed variance before the square root: 1e-5, as in BatchNorm.
+    [<Literal>]
+    let Eps = 1e-5
+
+    /// The running-average factor of the BN statistics: 0.1, as in BatchNorm.
+    [<Literal>]
+    let Momentum = 0.1
+
+/// <summary>
+/// What a switchable normalizer computes, independent of any module: the statistics it mixes, the switch
+/// that turns logits into weights, eps, the running-average momentum, and over which rows BN pools.
+/// </summary>
+type NormSpec = {
+    /// The statistics to mix, in logit order (the paper: [Instance; Layer; Batch]).
+    Components: Component list
+    /// Logits → convex weights (the paper: softmax).
+    Switch: Switch
+    /// Added to the mixed variance before the square root; default 1e-5.
+    Eps: float
+    /// Running-average factor for the BN statistics; None means a cumulative average (BatchNorm's momentum=None).
+    Momentum: float option
+    /// <summary>
+    /// True (the default): float32 CPU inputs go through the row kernels, with per-(n, c) statistics from one
+    /// two-pass reduction, O(N·C) mixing in float64, one affine pass for the output and a hand-written backward that
+    /// keeps x and three values per row. Other inputs, and every input when false, go through the tensor path: the
+    /// same function as a composition of tensor operations, differentiated by autograd (any dtype and device, and
+    /// higher-order gradients).
+    /// </summary>
+    Fused: bool
+    /// Over which rows BN pools: this process's batch (Scope.Local, the default) or the ranks of a communicator.
+    Scope: Scope
+} with
+
+    /// True when the Batch component is mixed in.
+    member this.UsesBatch = List.contains Batch this.Components
+
+    /// The paper's spec with the given options: [IN; LN; BN] (or [IN; LN] without BN), softmax, local statistics.
+    static member Create(usingBn: bool, eps: float, momentum: System.Nullable<float>) = {
+        Components =
+            if usingBn then
+                [ Instance; Layer; Batch ]
+            else
+                [ Instance; Layer ]
+        Switch = Switch.Softmax
+        Eps = eps
+        Momentum = Option.ofNullable momentum
+        Fused = true
+        Scope = Scope.Local
+    }
+
+/// Learnable parameters of a switchable normalizer.
+type NormParams = {
+    /// Per-channel scale γ [C], or None when not affine.
+    Weight: torch.Tensor option
+    /// Per-channel shift β [C], or None when not affine.
+    Bias: torch.Tensor option
+    /// Logits of the mean mixture [K].
+    MeanLogits: torch.Tensor
+    /// Logits of the variance mixture [K].
+    VarLogits: torch.Tensor
+}
+
+/// BatchNorm-style running statistics of the BN component.
+type RunningStats = {
+    /// Running mean [C].
+    Mean: torch.Tensor
+    /// Running unbiased variance [C].
+    Var: torch.Tensor
+    /// How many training batches have been averaged in.
+    BatchesTracked: int64
+}
+
+/// Whether a normalizer runs in training (BN uses and tracks the batch) or in evaluation (BN uses the running
+/// statistics); IN and LN use the input either way.
+[<RequireQualifiedAccess>]
+type Mode =
+    /// BN uses the batch's statistics and updates the running ones.
+    | Train
+    /// BN uses the running statistics (or the batch's when there are none); nothing is updated.
+    | Eval
+
+/// What one call did to the running statistics.
+[<RequireQualifiedAccess>]
+type RunningUpdate =
+    /// Nothing was updated: eval, no running statistics, no BN component, or an empty batch.
+    | Unchanged
+    /// The running statistics after a training call, as new tensors.
+    | Updated of RunningStats
+
+/// The result of one call of the functional normalizer.
+type NormResult = {
+    /// The normalized output, same shape and dtype as the input.
+    Output: torch.Tensor
+    /// What happened to the running statistics.
+    Running: RunningUpdate
+    /// The batch's per-channel moments (float64, shape [1, C], detached) when BN used the batch's statistics; with a
+    /// Scope.Across spec, those of the global batch.
+    BatchMoments: Moments option
+}
