@@ -10,6 +10,7 @@
 
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 
 let mode = fsi.CommandLineArgs |> Array.tryItem 1 |> Option.defaultValue "scope"
 

@@ -7,6 +7,7 @@
 
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 
 type F = torch.nn.functional
 

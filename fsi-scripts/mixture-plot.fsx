@@ -12,6 +12,7 @@ open System.Threading
 open System.Runtime.InteropServices
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 
 // SkiaSharp's native library, by full path: dotnet fsi does not read the build's list of native assets, and the
 // library's soname (libSkiaSharp.so.119.0.0) does not match the name SkiaSharp asks for.

@@ -5,6 +5,7 @@
 
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 
 torch.random.manual_seed 0L |> ignore
 

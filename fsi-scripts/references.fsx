@@ -21,5 +21,6 @@ if RuntimeInformation.IsOSPlatform OSPlatform.Linux then
     for lib in [ "libc10.so"; "libtorch_cpu.so"; "libtorch.so"; "libLibTorchSharp.so" ] do
         NativeLibrary.Load(Path.Combine(nativeDir, lib)) |> ignore
 
-// libtorch's oneDNN convolutions have an AVX-512 defect on some CPUs (NaN input gradients); see Platform.fs.
-SwitchNorm.Platform.limitOneDnnToAvx2 () |> ignore
+// libtorch's oneDNN convolutions have an AVX-512 defect on some CPUs (NaN input gradients); see OneDnn.fs.
+#load "../samples/Shared/OneDnn.fs"
+Workarounds.OneDnn.limitOneDnnToAvx2 () |> ignore

@@ -52,6 +52,15 @@ for script in fsi-scripts/*.fsx; do
     check "fsi $script" dotnet fsi "$script"
 done
 
+# The README's F# example, run as a script (the C# one is compiled and run by the C# test project).
+readme_fsharp() {
+    local d
+    d="$(mktemp -d)"
+    { echo "#load \"$PWD/fsi-scripts/references.fsx\""; awk '/^```fsharp$/ {on = 1; next} /^```$/ {on = 0} on' README.md; } >"$d/readme.fsx"
+    (cd "$d" && dotnet fsi readme.fsx)
+}
+check "README.md's F# example runs" readme_fsharp
+
 job=samples/SwitchNorm.Experiment/bin/Release/net10.0/switchnorm-fashion.dll
 main_job_smoke() {
     local out

@@ -7,6 +7,7 @@ open System
 open System.Diagnostics
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 
 type Module = torch.nn.Module<torch.Tensor, torch.Tensor>
 

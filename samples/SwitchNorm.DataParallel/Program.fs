@@ -13,6 +13,7 @@ open System
 open System.Diagnostics
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 
 type F = torch.nn.functional
 
@@ -316,7 +317,7 @@ let bench (comm: ICommunicator) =
 
 [<EntryPoint>]
 let main argv =
-    Platform.limitOneDnnToAvx2 () |> ignore
+    Workarounds.OneDnn.limitOneDnnToAvx2 () |> ignore
     let mode = if argv.Length > 0 then argv[0] else "check"
     let plain = argv |> Array.contains "--plain"
 

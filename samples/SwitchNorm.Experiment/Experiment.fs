@@ -6,6 +6,7 @@ open System.Diagnostics
 open System.Threading
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 
 type F = torch.nn.functional
 type TModule = torch.nn.Module<torch.Tensor, torch.Tensor>

@@ -10,6 +10,7 @@ open Argu
 open Spectre.Console
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 open Experiment
 
 type Args =
@@ -89,8 +90,8 @@ let main argv =
         let seed = r.GetResult(Seed, 1)
         let outDir = Path.GetFullPath(r.GetResult(Output, "results"))
 
-        // libtorch's oneDNN convolutions have an AVX-512 defect on some CPUs: NaN input gradients (Platform.fs).
-        Platform.limitOneDnnToAvx2 () |> ignore
+        // libtorch's oneDNN convolutions have an AVX-512 defect on some CPUs: NaN input gradients (samples/Shared/OneDnn.fs).
+        Workarounds.OneDnn.limitOneDnnToAvx2 () |> ignore
         torch.set_num_threads threads
 
         let train, test =

@@ -7,6 +7,7 @@ open System.IO
 open System.Text.Json
 open Spectre.Console
 open SwitchNorm
+open SwitchNorm.FSharp
 open Experiment
 
 let private inv = CultureInfo.InvariantCulture

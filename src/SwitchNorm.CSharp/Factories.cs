@@ -10,9 +10,10 @@ namespace SwitchNorm.CSharp
     /// TorchSharp-style factories for Switchable Normalization (Luo et al., "Differentiable Learning-to-Normalize via
     /// Switchable Normalization", ICLR 2019). The parameter lists are those of <c>torch.nn.BatchNorm1d/2d/3d</c>, plus
     /// <c>using_bn</c> and <c>last_gamma</c>, so switching a model over is a rename:
-    /// <c>using static SwitchNorm.CSharp.nn;</c> then <c>SwitchNorm2d(64)</c> where it said <c>BatchNorm2d(64)</c>.
+    /// <c>using static SwitchNorm.CSharp.Layers;</c> then <c>SwitchNorm2d(64)</c> where it said <c>BatchNorm2d(64)</c>.
+    /// (Not named <c>nn</c>, which would be ambiguous with <c>torch.nn</c> under <c>using static TorchSharp.torch;</c>.)
     /// </summary>
-    public static class nn
+    public static class Layers
     {
         /// <summary>
         /// Switchable Normalization over (N, C) or (N, C, L) input. mean = Σ softmax(mean_weight)ₖ·meanₖ and
@@ -29,12 +30,12 @@ namespace SwitchNorm.CSharp
         /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
         /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
-        public static SwitchNorm1d SwitchNorm1d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
+        public static SwitchNorm1d SwitchNorm1d(long num_features, double eps = global::SwitchNorm.Defaults.Eps, double? momentum = global::SwitchNorm.Defaults.Momentum, bool affine = true,
             bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false,
             SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SwitchNorm1d), num_features, eps, momentum);
-            var m = new global::SwitchNorm.SwitchNorm1d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            var m = new global::SwitchNorm.SwitchNorm1d(num_features, eps, momentum ?? global::SwitchNorm.Defaults.Momentum, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
             m.SwitchKind = switch_kind;
             return m;
@@ -55,12 +56,12 @@ namespace SwitchNorm.CSharp
         /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
         /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
-        public static SwitchNorm2d SwitchNorm2d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
+        public static SwitchNorm2d SwitchNorm2d(long num_features, double eps = global::SwitchNorm.Defaults.Eps, double? momentum = global::SwitchNorm.Defaults.Momentum, bool affine = true,
             bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false,
             SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SwitchNorm2d), num_features, eps, momentum);
-            var m = new global::SwitchNorm.SwitchNorm2d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            var m = new global::SwitchNorm.SwitchNorm2d(num_features, eps, momentum ?? global::SwitchNorm.Defaults.Momentum, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
             m.SwitchKind = switch_kind;
             return m;
@@ -80,12 +81,12 @@ namespace SwitchNorm.CSharp
         /// <param name="using_bn">Whether the BN statistic is mixed in (false: IN and LN only, for batch size 1). Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
         /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
-        public static SwitchNorm3d SwitchNorm3d(long num_features, double eps = 1e-5, double? momentum = 0.1, bool affine = true,
+        public static SwitchNorm3d SwitchNorm3d(long num_features, double eps = global::SwitchNorm.Defaults.Eps, double? momentum = global::SwitchNorm.Defaults.Momentum, bool affine = true,
             bool track_running_stats = true, Device? device = null, ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false,
             SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SwitchNorm3d), num_features, eps, momentum);
-            var m = new global::SwitchNorm.SwitchNorm3d(num_features, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            var m = new global::SwitchNorm.SwitchNorm3d(num_features, eps, momentum ?? global::SwitchNorm.Defaults.Momentum, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
             m.SwitchKind = switch_kind;
             return m;
@@ -109,13 +110,15 @@ namespace SwitchNorm.CSharp
         /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
         /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0. Default false.</param>
+        /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
         public static global::SwitchNorm.SyncSwitchNorm2d SyncSwitchNorm2d(long num_features, global::SwitchNorm.ICommunicator communicator,
-            double eps = 1e-5, double? momentum = 0.1, bool affine = true, bool track_running_stats = true, Device? device = null,
-            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+            double eps = global::SwitchNorm.Defaults.Eps, double? momentum = global::SwitchNorm.Defaults.Momentum, bool affine = true, bool track_running_stats = true, Device? device = null,
+            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false, SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SyncSwitchNorm2d), num_features, eps, momentum);
-            var m = new global::SwitchNorm.SyncSwitchNorm2d(num_features, communicator, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            var m = new global::SwitchNorm.SyncSwitchNorm2d(num_features, communicator, eps, momentum ?? global::SwitchNorm.Defaults.Momentum, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
+            m.SwitchKind = switch_kind;
             return m;
         }
 
@@ -130,13 +133,15 @@ namespace SwitchNorm.CSharp
         /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
         /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0. Default false.</param>
+        /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
         public static global::SwitchNorm.SyncSwitchNorm1d SyncSwitchNorm1d(long num_features, global::SwitchNorm.ICommunicator communicator,
-            double eps = 1e-5, double? momentum = 0.1, bool affine = true, bool track_running_stats = true, Device? device = null,
-            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+            double eps = global::SwitchNorm.Defaults.Eps, double? momentum = global::SwitchNorm.Defaults.Momentum, bool affine = true, bool track_running_stats = true, Device? device = null,
+            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false, SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SyncSwitchNorm1d), num_features, eps, momentum);
-            var m = new global::SwitchNorm.SyncSwitchNorm1d(num_features, communicator, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            var m = new global::SwitchNorm.SyncSwitchNorm1d(num_features, communicator, eps, momentum ?? global::SwitchNorm.Defaults.Momentum, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
+            m.SwitchKind = switch_kind;
             return m;
         }
 
@@ -151,13 +156,15 @@ namespace SwitchNorm.CSharp
         /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
         /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
         /// <param name="last_gamma">Whether weight starts at 0. Default false.</param>
+        /// <param name="switch_kind">The switch: Softmax (the paper, default), Sparsemax, or Sparsestmax at the module's Radius (SSN, CVPR 2019).</param>
         public static global::SwitchNorm.SyncSwitchNorm3d SyncSwitchNorm3d(long num_features, global::SwitchNorm.ICommunicator communicator,
-            double eps = 1e-5, double? momentum = 0.1, bool affine = true, bool track_running_stats = true, Device? device = null,
-            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false)
+            double eps = global::SwitchNorm.Defaults.Eps, double? momentum = global::SwitchNorm.Defaults.Momentum, bool affine = true, bool track_running_stats = true, Device? device = null,
+            ScalarType? dtype = null, bool using_bn = true, bool last_gamma = false, SwitchKind switch_kind = SwitchKind.Softmax)
         {
             Check(nameof(SyncSwitchNorm3d), num_features, eps, momentum);
-            var m = new global::SwitchNorm.SyncSwitchNorm3d(num_features, communicator, eps, momentum ?? 0.1, affine, track_running_stats, device, dtype, using_bn, last_gamma);
+            var m = new global::SwitchNorm.SyncSwitchNorm3d(num_features, communicator, eps, momentum ?? global::SwitchNorm.Defaults.Momentum, affine, track_running_stats, device, dtype, using_bn, last_gamma);
             m.momentum = momentum;
+            m.SwitchKind = switch_kind;
             return m;
         }
 
@@ -194,7 +201,11 @@ namespace SwitchNorm.CSharp
             $"var = {string.Join(" ", Var.Select(v => v.ToString("0.000")))}";
     }
 
-    /// <summary>Model-level tools: conversion from BatchNorm, batch-average recalibration, mixtures and checkpoints.</summary>
+    /// <summary>
+    /// Model-level tools as extension methods on TorchSharp modules (<c>model.ConvertBatchNorm()</c>,
+    /// <c>model.Mixtures()</c>, ...): conversion from BatchNorm, batch-average recalibration, sparse switching, mixtures
+    /// and all-or-nothing loading. They can also be called as static methods.
+    /// </summary>
     public static class SwitchNormTools
     {
         /// <summary>
@@ -206,8 +217,8 @@ namespace SwitchNorm.CSharp
         /// <param name="init">Starting logits: <see cref="LogitInit.Uniform"/> (the paper) or <see cref="LogitInit.BatchLeaning"/>.</param>
         /// <param name="bn_logit_margin">With BatchLeaning, how much BN's logits exceed the others: BN weight 1/(1 + 2e^−margin). Default 8 (0.9993).</param>
         /// <exception cref="InvalidOperationException">A parent's field is declared with a type that cannot hold a SwitchNorm; nothing is changed.</exception>
-        public static torch.nn.Module ConvertBatchNorm(torch.nn.Module model, LogitInit init = LogitInit.Uniform, double bn_logit_margin = 8.0) =>
-            global::SwitchNorm.Convert.BatchNormToSwitchNorm(init, bn_logit_margin, model);
+        public static torch.nn.Module ConvertBatchNorm(this torch.nn.Module model, LogitInit init = LogitInit.Uniform, double bn_logit_margin = 8.0) =>
+            global::SwitchNorm.FSharp.Conversion.BatchNormToSwitchNorm(init, bn_logit_margin, model);
 
         /// <summary>
         /// Batch-average recalibration: runs <paramref name="model"/> over <paramref name="batches"/> under no_grad and sets
@@ -215,13 +226,13 @@ namespace SwitchNorm.CSharp
         /// component saw (merged per-batch moments). Parameters are untouched; the train/eval mode is restored.
         /// </summary>
         /// <returns>The number of batches used.</returns>
-        public static int RecalibrateBatchAverage(torch.nn.Module<Tensor, Tensor> model, IEnumerable<Tensor> batches) =>
-            global::SwitchNorm.Recalibrate.BatchAverage(model, batches);
+        public static int RecalibrateBatchAverage(this torch.nn.Module<Tensor, Tensor> model, IEnumerable<Tensor> batches) =>
+            global::SwitchNorm.FSharp.Recalibrate.BatchAverage(model, batches);
 
         /// <summary>Sets the switch of every SwitchNorm in <paramref name="model"/> (frozen layers keep theirs).</summary>
         /// <returns>The number of layers set.</returns>
-        public static int UseSwitch(torch.nn.Module model, SwitchKind kind) =>
-            global::SwitchNorm.SparseSwitch.Use(kind, model);
+        public static int UseSwitch(this torch.nn.Module model, SwitchKind kind) =>
+            global::SwitchNorm.FSharp.SparseSwitch.Use(kind, model);
 
         /// <summary>
         /// The sparsestmax radius schedule: 0 at the start, rising linearly to 1 at <paramref name="ramp_end"/> (a fraction
@@ -230,19 +241,19 @@ namespace SwitchNorm.CSharp
         /// <param name="progress">The fraction of training done, in [0, 1].</param>
         /// <param name="ramp_end">When the radius reaches 1, as a fraction of training. Default 0.8.</param>
         public static double SparsestmaxRadius(double progress, double ramp_end = 0.8) =>
-            global::SwitchNorm.SparseSwitch.RadiusAt(ramp_end, progress);
+            global::SwitchNorm.FSharp.SparseSwitch.RadiusAt(ramp_end, progress);
 
         /// <summary>
         /// One step of the sparsestmax schedule: sets <paramref name="radius"/> on every SwitchNorm and freezes each
         /// sparsestmax layer whose mixtures are both one-hot.
         /// </summary>
         /// <returns>The number of frozen layers in the model.</returns>
-        public static int StepSparsestmax(torch.nn.Module model, double radius) =>
-            global::SwitchNorm.SparseSwitch.Step(radius, model);
+        public static int StepSparsestmax(this torch.nn.Module model, double radius) =>
+            global::SwitchNorm.FSharp.SparseSwitch.Step(radius, model);
 
         /// <summary>The learned mean and variance mixtures of every SwitchNorm in the model, by module name.</summary>
-        public static IReadOnlyList<LayerMixture> Mixtures(torch.nn.Module model) =>
-            global::SwitchNorm.Mixture.OfModel(model)
+        public static IReadOnlyList<LayerMixture> Mixtures(this torch.nn.Module model) =>
+            global::SwitchNorm.FSharp.Mixture.OfModel(model)
                 .Select(m => new LayerMixture(m.Name, m.Components.ToArray(), m.Mean.ToArray(), m.Var.ToArray()))
                 .ToArray();
 
@@ -253,7 +264,24 @@ namespace SwitchNorm.CSharp
         /// <param name="model">The module to load into.</param>
         /// <param name="path">The checkpoint file.</param>
         /// <param name="allow_missing">Whether keys absent from the file may keep their values (e.g. a BatchNorm checkpoint into a converted model).</param>
-        public static void LoadCheckpoint(torch.nn.Module model, string path, bool allow_missing = false) =>
-            global::SwitchNorm.Checkpoint.Load(allow_missing, path, model);
+        public static void LoadCheckpoint(this torch.nn.Module model, string path, bool allow_missing = false) =>
+            global::SwitchNorm.FSharp.Checkpoint.Load(allow_missing, path, model);
+
+        /// <summary>
+        /// Loads a state dict into <paramref name="model"/> all or nothing: every tensor's shape and dtype must be exactly
+        /// the model's (no broadcasting, unlike TorchSharp's <c>load_state_dict</c>, which also writes key by key before
+        /// failing), and with <paramref name="strict"/> no key may be missing or unexpected. Every problem is listed in one
+        /// <see cref="System.IO.InvalidDataException"/> and nothing is written.
+        /// </summary>
+        /// <param name="model">The module tree to load into.</param>
+        /// <param name="source">The state dict, by key.</param>
+        /// <param name="strict">Whether missing and unexpected keys are refused. Default true.</param>
+        /// <returns>The missing and the unexpected keys (both empty when strict).</returns>
+        public static (IList<string> missing_keys, IList<string> unexpected_keys) LoadStateDict(this torch.nn.Module model,
+            IDictionary<string, Tensor> source, bool strict = true)
+        {
+            var (missing, unexpected) = global::SwitchNorm.FSharp.Checkpoint.LoadStateDict(strict, source, model);
+            return (missing.ToList(), unexpected.ToList());
+        }
     }
 }

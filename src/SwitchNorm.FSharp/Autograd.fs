@@ -6,6 +6,7 @@ open System.IO
 open System.Reflection
 open System.Runtime.InteropServices
 open TorchSharp
+open SwitchNorm.FSharp
 
 [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
 type internal KeepGraphFn = delegate of unit -> byte

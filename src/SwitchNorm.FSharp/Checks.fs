@@ -76,9 +76,9 @@ module Checks =
         if t.dim () <> 1L || t.size 0 <> numFeatures then
             let got =
                 if t.dim () = 1L then
-                    $"{t.size 0} elements"
+                    $"{t.size 0}"
                 else
-                    $"shape {shapeText t.shape}"
+                    $"{t.numel ()} (shape {shapeText t.shape})"
 
             raise (ArgumentException($"{layer}: {what} should contain {numFeatures} elements not {got}.", what))
 

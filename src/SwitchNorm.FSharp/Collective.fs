@@ -2,6 +2,7 @@ namespace SwitchNorm
 
 open System
 open TorchSharp
+open SwitchNorm.FSharp
 
 /// What every rank of a Scope.Across call agreed on.
 type internal Agreement = {

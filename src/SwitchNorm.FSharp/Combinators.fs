@@ -2,6 +2,7 @@ namespace SwitchNorm
 
 open System
 open TorchSharp
+open SwitchNorm.FSharp
 
 /// <summary>
 /// A switchable normalizer built from any spec (components, switch, eps, momentum); accepts inputs of rank 2
@@ -39,6 +40,12 @@ type FnLayer internal (name: string, f: torch.Tensor -> torch.Tensor) =
 
     /// Applies the function.
     override _.forward(x) = f x
+
+namespace SwitchNorm.FSharp
+
+open System
+open TorchSharp
+open SwitchNorm
 
 /// <summary>
 /// The F# combinator API: build normalizers from statistic estimators and a switch, apply them as pure

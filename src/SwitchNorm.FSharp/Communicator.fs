@@ -15,6 +15,10 @@ type ICommunicator =
     /// Replaces values, on every rank, by their elementwise sum over all ranks (collective).
     abstract AllreduceSum: values: float[] -> unit
 
+namespace SwitchNorm.FSharp
+
+open SwitchNorm
+
 /// <summary>
 /// Over which rows the BN statistic is pooled: this process's batch (<c>Local</c>), or the global batch split across
 /// the ranks of a communicator (<c>Across</c>, what SyncSwitchNorm uses). IN and LN are per sample, so local either

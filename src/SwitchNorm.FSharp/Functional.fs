@@ -1,7 +1,8 @@
-namespace SwitchNorm
+namespace SwitchNorm.FSharp
 
 open System
 open TorchSharp
+open SwitchNorm
 
 /// How a module calls the core: its name for messages, its own checks, and what it needs back.
 type internal CoreOptions = {

@@ -1,6 +1,22 @@
 namespace SwitchNorm
 
+/// <summary>
+/// The switch a SwitchNorm module uses, as a plain enum (usable from C#): the paper's softmax, sparsemax, or
+/// sparsestmax at the module's radius (Shao et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax",
+/// CVPR 2019).
+/// </summary>
+type SwitchKind =
+    /// softmax(λ): dense weights, the paper's switch (the default).
+    | Softmax = 0
+    /// sparsemax(λ): the Euclidean projection onto the simplex; exact zeros.
+    | Sparsemax = 1
+    /// sparsestmax(λ, ρ): the projection onto the simplex outside a ball of radius ρ; one-hot at ρ = 1.
+    | Sparsestmax = 2
+
+namespace SwitchNorm.FSharp
+
 open TorchSharp
+open SwitchNorm
 
 /// The statistics a switchable normalizer can mix, in the paper's order [IN, LN, BN].
 type Component =
@@ -17,19 +33,6 @@ type Component =
         | Instance -> "IN"
         | Layer -> "LN"
         | Batch -> "BN"
-
-/// <summary>
-/// The switch a SwitchNorm module uses, as a plain enum (usable from C#): the paper's softmax, sparsemax, or
-/// sparsestmax at the module's radius (Shao et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax",
-/// CVPR 2019).
-/// </summary>
-type SwitchKind =
-    /// softmax(λ): dense weights, the paper's switch (the default).
-    | Softmax = 0
-    /// sparsemax(λ): the Euclidean projection onto the simplex; exact zeros.
-    | Sparsemax = 1
-    /// sparsestmax(λ, ρ): the projection onto the simplex outside a ball of radius ρ; one-hot at ρ = 1.
-    | Sparsestmax = 2
 
 /// Mixing weights and convex combinations of statistics.
 [<RequireQualifiedAccess>]

@@ -1,9 +1,137 @@
 namespace SwitchNorm
 
 open System
+open System.Collections.Generic
+open System.IO
 open System.Runtime.InteropServices
 open TorchSharp
 open TorchSharp.Modules
+open SwitchNorm.FSharp
+
+/// <summary>
+/// Checks a state dict against a module's own before anything is written, so loading is all or nothing: every
+/// unexpected and missing key (when strict), and every tensor whose shape or dtype is not exactly the module's (no
+/// broadcasting, no casting), listed together in one exception.
+/// </summary>
+module internal StateCheck =
+
+    /// The problems of loading entries (key, dtype, shape) into destination, and the keys the destination has that the
+    /// entries lack.
+    let problems
+        (strict: bool)
+        (skip: IList<string>)
+        (destination: IDictionary<string, torch.Tensor>)
+        (entries: (string * torch.ScalarType * int64[]) seq)
+        =
+        let skipped (k: string) = not (isNull skip) && skip.Contains k
+        let found = List<string>()
+        let problems = List<string>()
+
+        for (k, dtype, shape) in entries do
+            if not (skipped k) then
+                found.Add k
+
+                match destination.TryGetValue k with
+                | true, t ->
+                    if t.shape <> shape then
+                        problems.Add(
+                            $"size mismatch for '{k}': copying a tensor of shape {Checks.shapeText shape} from the source, the shape in the module is {Checks.shapeText t.shape}"
+                        )
+                    elif t.dtype <> dtype then
+                        problems.Add($"dtype mismatch for '{k}': {dtype} in the source, {t.dtype} in the module")
+                | _ ->
+                    if strict then
+                        problems.Add($"unexpected key '{k}' (not in the module)")
+
+        let missing =
+            destination.Keys
+            |> Seq.filter (fun k -> not (skipped k) && not (found.Contains k))
+            |> List.ofSeq
+
+        if strict then
+            for k in missing do
+                problems.Add($"missing key '{k}' (in the module, not in the source)")
+
+        List.ofSeq problems, missing
+
+    /// Raises an InvalidDataException listing every problem, when there is one.
+    let refuse (what: string) (problems: string list) =
+        if not problems.IsEmpty then
+            raise (InvalidDataException($"{what}: nothing was loaded: " + String.Join("; ", problems) + "."))
+
+    /// The entries of a state dict.
+    let entriesOf (source: IDictionary<string, torch.Tensor>) = [ for kv in source -> kv.Key, kv.Value.dtype, kv.Value.shape ]
+
+    /// <summary>
+    /// Reads the entries (name, dtype, shape) of a stream written by TorchSharp's <c>Module.save</c>, without loading
+    /// data, and leaves the stream where it was (it must be seekable).
+    /// </summary>
+    let readEntries (stream: Stream) : (string * torch.ScalarType * int64[])[] =
+        let start = stream.Position
+        let r = new BinaryReader(stream, Text.Encoding.UTF8, true)
+
+        let decode () =
+            let mutable result = 0L
+            let mutable shift = 0
+            let mutable go = true
+
+            while go do
+                let b = r.ReadByte()
+                result <- result ||| (int64 (b &&& 0x7Fuy) <<< shift)
+                shift <- shift + 7
+                go <- (b &&& 0x80uy) <> 0uy
+
+                if shift > 63 then
+                    raise (InvalidDataException "malformed length prefix")
+
+            result
+
+        let elementSize (t: torch.ScalarType) =
+            match t with
+            | torch.ScalarType.Byte
+            | torch.ScalarType.Int8
+            | torch.ScalarType.Bool -> 1L
+            | torch.ScalarType.Int16
+            | torch.ScalarType.Float16
+            | torch.ScalarType.BFloat16 -> 2L
+            | torch.ScalarType.Int32
+            | torch.ScalarType.Float32 -> 4L
+            | torch.ScalarType.Int64
+            | torch.ScalarType.Float64
+            | torch.ScalarType.ComplexFloat32 -> 8L
+            | torch.ScalarType.ComplexFloat64 -> 16L
+            | other -> raise (InvalidDataException $"unsupported dtype {other}")
+
+        try
+            try
+                let n = decode ()
+
+                if n < 0L || n > 1_000_000L then
+                    raise (InvalidDataException $"implausible entry count {n}")
+
+                [|
+                    for _ in 1L .. n do
+                        let key = r.ReadString()
+                        let dtype: torch.ScalarType = LanguagePrimitives.EnumOfValue(sbyte (decode ()))
+                        let ndim = decode ()
+
+                        if ndim < 0L || ndim > 64L then
+                            raise (InvalidDataException $"implausible rank {ndim} for '{key}'")
+
+                        let shape = [| for _ in 1L .. ndim -> decode () |]
+                        let bytes = (Array.fold (*) 1L shape) * elementSize dtype
+
+                        if bytes < 0L || stream.Position + bytes > stream.Length then
+                            raise (EndOfStreamException())
+
+                        stream.Seek(bytes, SeekOrigin.Current) |> ignore
+                        yield key, dtype, shape
+                |]
+            with
+            | :? EndOfStreamException -> raise (InvalidDataException("the data is truncated or not a TorchSharp state dict"))
+            | :? InvalidDataException as e -> raise (InvalidDataException($"not a TorchSharp state dict ({e.Message})"))
+        finally
+            stream.Position <- start
 
 /// <summary>
 /// Switchable Normalization as a TorchSharp module (Luo et al., "Differentiable Learning-to-Normalize via
@@ -368,6 +496,77 @@ type SwitchNormNd
             check name (this.get_buffer name) true
 
         check "num_batches_tracked" (this.get_buffer "num_batches_tracked") false
+
+    /// <summary>
+    /// Loads a state dict all or nothing: every key, exact shape (no broadcasting) and dtype is checked first, and any
+    /// problem is reported in one InvalidDataException with nothing written. Otherwise as TorchSharp's
+    /// <c>load_state_dict</c>: with strict, missing and unexpected keys are problems too; without, they are returned.
+    /// For a model that contains SwitchNorm layers, use <c>Checkpoint.loadStateDict</c>, which checks the whole model
+    /// the same way (TorchSharp's own load_state_dict of a parent writes key by key and broadcasts).
+    /// </summary>
+    override this.load_state_dict
+        (
+            source: Dictionary<string, torch.Tensor>,
+            [<Optional; DefaultParameterValue(true)>] strict: bool,
+            [<Optional; DefaultParameterValue(null: IList<string>)>] skip: IList<string>
+        ) =
+        if isNull source then
+            nullArg "source"
+
+        let problems, _ =
+            StateCheck.problems strict skip (this.state_dict ()) (StateCheck.entriesOf source)
+
+        StateCheck.refuse $"{layerName}.load_state_dict" problems
+        base.load_state_dict (source, strict, skip)
+
+    /// <summary>
+    /// Loads a file written by <c>save</c> all or nothing: every entry's key, shape and dtype is checked against the
+    /// module before any is read (TorchSharp's own <c>load</c> writes entry by entry).
+    /// </summary>
+    override this.load
+        (
+            location: string,
+            [<Optional; DefaultParameterValue(true)>] strict: bool,
+            [<Optional; DefaultParameterValue(null: IList<string>)>] skip: IList<string>,
+            [<Optional; DefaultParameterValue(null: Dictionary<string, bool>)>] loadedParameters: Dictionary<string, bool>
+        ) =
+        if not (File.Exists location) then
+            raise (FileNotFoundException($"{layerName}.load: no file at '{location}'.", location))
+
+        let entries =
+            use fs = File.OpenRead location
+
+            try
+                StateCheck.readEntries fs
+            with :? InvalidDataException as e ->
+                raise (InvalidDataException($"{layerName}.load: '{location}' is {e.Message}; nothing was loaded."))
+
+        let problems, _ = StateCheck.problems strict skip (this.state_dict ()) entries
+        StateCheck.refuse $"{layerName}.load('{location}')" problems
+        base.load (location, strict, skip, loadedParameters)
+
+    /// <summary>
+    /// Loads from a reader over a stream written by <c>save</c>, all or nothing when the stream is seekable (the entries
+    /// are checked first, then the stream is read from where it was).
+    /// </summary>
+    override this.load
+        (
+            reader: BinaryReader,
+            [<Optional; DefaultParameterValue(true)>] strict: bool,
+            [<Optional; DefaultParameterValue(null: IList<string>)>] skip: IList<string>,
+            [<Optional; DefaultParameterValue(null: Dictionary<string, bool>)>] loadedParameters: Dictionary<string, bool>
+        ) =
+        if not (isNull reader) && reader.BaseStream.CanSeek then
+            let entries =
+                try
+                    StateCheck.readEntries reader.BaseStream
+                with :? InvalidDataException as e ->
+                    raise (InvalidDataException($"{layerName}.load: the stream is {e.Message}; nothing was loaded."))
+
+            let problems, _ = StateCheck.problems strict skip (this.state_dict ()) entries
+            StateCheck.refuse $"{layerName}.load" problems
+
+        base.load (reader, strict, skip, loadedParameters)
 
     /// <summary>Normalizes x; in training mode also updates the BN running statistics.</summary>
     override this.forward(x: torch.Tensor) : torch.Tensor =

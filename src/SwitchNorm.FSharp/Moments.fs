@@ -1,4 +1,4 @@
-namespace SwitchNorm
+namespace SwitchNorm.FSharp
 
 open TorchSharp
 

@@ -10,6 +10,7 @@ open System.Runtime.InteropServices
 open Microsoft.FSharp.NativeInterop
 open TorchSharp
 open SwitchNorm.Kernels
+open SwitchNorm.FSharp
 
 /// Row parallelism for the row path. The row passes themselves are in
 /// SwitchNorm.Kernels (C#), because F# does not emit MethodImplOptions.AggressiveOptimization and those

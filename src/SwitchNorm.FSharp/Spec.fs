@@ -1,7 +1,5 @@
 namespace SwitchNorm
 
-open TorchSharp
-
 /// The defaults of BatchNorm that every constructor, factory and spec shares.
 [<RequireQualifiedAccess>]
 module Defaults =
@@ -13,6 +11,11 @@ module Defaults =
     /// The running-average factor of the BN statistics: 0.1, as in BatchNorm.
     [<Literal>]
     let Momentum = 0.1
+
+namespace SwitchNorm.FSharp
+
+open TorchSharp
+open SwitchNorm
 
 /// <summary>
 /// What a switchable normalizer computes, independent of any module: the statistics it mixes, the switch

@@ -1,6 +1,7 @@
 namespace SwitchNorm
 
 open SwitchNorm.Kernels
+open SwitchNorm.FSharp
 
 /// How one mixed statistic depends on the input; this fixes how it is computed, stored and differentiated.
 type internal StatKind =

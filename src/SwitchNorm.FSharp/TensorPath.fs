@@ -2,6 +2,7 @@ namespace SwitchNorm
 
 open System.Collections.Generic
 open TorchSharp
+open SwitchNorm.FSharp
 
 /// Sums a float64 vector across ranks, differentiably: the gradient of a sum over ranks is the sum over ranks of the
 /// gradients, so the backward is an allreduce too (every rank's loss depends on the shared result).

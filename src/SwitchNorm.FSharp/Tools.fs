@@ -1,10 +1,20 @@
 namespace SwitchNorm
 
+/// How <c>Conversion.batchNorm</c> initialises the mixture logits of the new layers.
+type LogitInit =
+    /// All logits 1, as in the paper: a uniform mixture.
+    | Uniform = 0
+    /// BN's logits raised by a margin, so a pretrained network keeps (nearly) its function at first.
+    | BatchLeaning = 1
+
+namespace SwitchNorm.FSharp
+
 open System
 open System.Collections.Generic
 open System.IO
 open System.Reflection
 open TorchSharp
+open SwitchNorm
 
 /// The learned mixture of one switchable normalizer in a model.
 type MixtureInfo = {
@@ -17,13 +27,6 @@ type MixtureInfo = {
     /// Variance weights (the layer's switch applied to its logits), one per component.
     Var: float[]
 }
-
-/// How <c>Convert.batchNorm</c> initialises the mixture logits of the new layers.
-type LogitInit =
-    /// All logits 1, as in the paper: a uniform mixture.
-    | Uniform = 0
-    /// BN's logits raised by a margin, so a pretrained network keeps (nearly) its function at first.
-    | BatchLeaning = 1
 
 /// Reading the learned mixtures of a model.
 [<RequireQualifiedAccess>]
@@ -69,7 +72,7 @@ module Mixture =
 
 /// Model surgery: BatchNorm → SwitchNorm.
 [<RequireQualifiedAccess>]
-module Convert =
+module Conversion =
 
     let private allFields (t: Type) =
         let rec go (t: Type) = [
@@ -140,7 +143,7 @@ module Convert =
     [<CompiledName("BatchNormToSwitchNorm")>]
     let batchNorm (init: LogitInit) (margin: float) (model: torch.nn.Module) : torch.nn.Module =
         if not (Double.IsFinite margin) then
-            invalidArg "margin" $"Convert.batchNorm: the BN logit margin must be finite; got {margin}."
+            invalidArg "margin" $"Conversion.batchNorm: the BN logit margin must be finite; got {margin}."
 
         match model with
         | :? TorchSharp.Modules.BatchNorm as bn -> fromBatchNorm init margin bn :> torch.nn.Module
@@ -163,7 +166,7 @@ module Convert =
                             if not (f.FieldType.IsAssignableFrom typeof<SwitchNorm2d>) then
                                 raise (
                                     InvalidOperationException(
-                                        $"Convert.batchNorm: cannot replace '{full}': field '{f.Name}' of {parent.GetType().Name} is declared as {f.FieldType.Name}; declare it as Module<Tensor, Tensor> (or a base type) to allow the swap."
+                                        $"Conversion.batchNorm: cannot replace '{full}': field '{f.Name}' of {parent.GetType().Name} is declared as {f.FieldType.Name}; declare it as Module<Tensor, Tensor> (or a base type) to allow the swap."
                                     )
                                 )
 
@@ -307,41 +310,9 @@ module SparseSwitch =
 
         layers |> List.filter (fun s -> s.IsFrozen) |> List.length
 
-/// Loading checkpoints with checks done before anything is written.
+/// Loading checkpoints and state dicts with every check done before anything is written (all or nothing).
 [<RequireQualifiedAccess>]
 module Checkpoint =
-
-    let private decode (r: BinaryReader) : int64 =
-        let mutable result = 0L
-        let mutable shift = 0
-        let mutable go = true
-
-        while go do
-            let b = r.ReadByte()
-            result <- result ||| (int64 (b &&& 0x7Fuy) <<< shift)
-            shift <- shift + 7
-            go <- (b &&& 0x80uy) <> 0uy
-
-            if shift > 63 then
-                raise (InvalidDataException "Checkpoint: malformed length prefix.")
-
-        result
-
-    let private elementSize (t: torch.ScalarType) =
-        match t with
-        | torch.ScalarType.Byte
-        | torch.ScalarType.Int8
-        | torch.ScalarType.Bool -> 1L
-        | torch.ScalarType.Int16
-        | torch.ScalarType.Float16
-        | torch.ScalarType.BFloat16 -> 2L
-        | torch.ScalarType.Int32
-        | torch.ScalarType.Float32 -> 4L
-        | torch.ScalarType.Int64
-        | torch.ScalarType.Float64
-        | torch.ScalarType.ComplexFloat32 -> 8L
-        | torch.ScalarType.ComplexFloat64 -> 16L
-        | other -> raise (InvalidDataException $"Checkpoint: unsupported dtype {other}.")
 
     /// <summary>
     /// Reads the entries (name, dtype, shape) of a file written by TorchSharp's <c>Module.save</c>, without loading data.
@@ -352,65 +323,63 @@ module Checkpoint =
             raise (FileNotFoundException($"Checkpoint: no file at '{path}'.", path))
 
         use fs = File.OpenRead path
-        use r = new BinaryReader(fs)
 
         try
-            let n = decode r
-
-            [|
-                for _ in 1L .. n do
-                    let key = r.ReadString()
-                    let dtype: torch.ScalarType = LanguagePrimitives.EnumOfValue(sbyte (decode r))
-                    let ndim = decode r
-                    let shape = [| for _ in 1L .. ndim -> decode r |]
-                    let bytes = (Array.fold (*) 1L shape) * elementSize dtype
-                    fs.Seek(bytes, SeekOrigin.Current) |> ignore
-
-                    if fs.Position > fs.Length then
-                        raise (EndOfStreamException())
-
-                    yield key, dtype, shape
-            |]
-        with :? EndOfStreamException ->
-            raise (InvalidDataException($"Checkpoint: '{path}' is truncated or not a TorchSharp state dict."))
+            StateCheck.readEntries fs
+        with :? InvalidDataException as e ->
+            raise (InvalidDataException($"Checkpoint: '{path}' is {e.Message}."))
 
     /// <summary>
     /// Loads a checkpoint written by TorchSharp's <c>Module.save</c> into <paramref name="model"/>, after checking
-    /// every key first: keys missing from the file, unexpected keys and mis-shaped or mistyped tensors are all listed
-    /// in one <see cref="T:System.IO.InvalidDataException"/>, and the model is left unchanged. With
-    /// <paramref name="allowMissing"/> true, keys absent from the file keep their current values (for example the
+    /// every key first: keys missing from the file, unexpected keys and tensors whose shape or dtype is not exactly the
+    /// model's are all listed in one <see cref="T:System.IO.InvalidDataException"/>, and the model is left unchanged.
+    /// With <paramref name="allowMissing"/> true, keys absent from the file keep their current values (for example the
     /// mixture logits when loading a BatchNorm checkpoint into a converted model).
     /// </summary>
     [<CompiledName("Load")>]
     let load (allowMissing: bool) (path: string) (model: torch.nn.Module) : unit =
         let entries = readEntries path
         let sd = model.state_dict ()
-        let fileKeys = entries |> Array.map (fun (k, _, _) -> k) |> Set.ofArray
-        let problems = List<string>()
+        // unexpected keys are always problems; missing ones unless allowed
+        let problems, missing = StateCheck.problems true null sd entries
 
-        for (k, dtype, shape) in entries do
-            match sd.TryGetValue k with
-            | true, t ->
-                if t.shape <> shape then
-                    problems.Add($"'{k}' has shape {Checks.shapeText shape} in the file but {Checks.shapeText t.shape} in the model")
-                elif t.dtype <> dtype then
-                    problems.Add($"'{k}' has dtype {dtype} in the file but {t.dtype} in the model")
-            | _ -> problems.Add($"unexpected key '{k}' (not in the model)")
+        let problems =
+            if allowMissing then
+                problems |> List.filter (fun p -> not (p.StartsWith "missing key"))
+            else
+                problems
 
-        let missing =
-            sd.Keys |> Seq.filter (fun k -> not (fileKeys.Contains k)) |> List.ofSeq
+        StateCheck.refuse $"Checkpoint '{path}' does not match {model.GetType().Name}" problems
+        model.load (path, strict = missing.IsEmpty) |> ignore
 
-        if not allowMissing then
-            for k in missing do
-                problems.Add($"missing key '{k}' (in the model, not in the file)")
+    /// <summary>
+    /// Loads a state dict into <paramref name="model"/> (any module tree) all or nothing, as PyTorch's load_state_dict
+    /// refuses a size mismatch: every tensor's shape and dtype must be exactly the model's (TorchSharp's own
+    /// load_state_dict broadcasts with copy_ and writes key by key before failing), and with
+    /// <paramref name="strict"/> no key may be missing or unexpected. Every problem is listed in one
+    /// <see cref="T:System.IO.InvalidDataException"/> and nothing is written. Returns the missing and the unexpected
+    /// keys (both empty when strict).
+    /// </summary>
+    [<CompiledName("LoadStateDict")>]
+    let loadStateDict (strict: bool) (source: IDictionary<string, torch.Tensor>) (model: torch.nn.Module) =
+        if isNull source then
+            nullArg "source"
 
-        if problems.Count > 0 then
-            raise (
-                InvalidDataException(
-                    $"Checkpoint '{path}' does not match {model.GetType().Name}: "
-                    + String.Join("; ", problems)
-                    + "."
-                )
-            )
+        let sd = model.state_dict ()
 
-        model.load (path, strict = (missing.IsEmpty)) |> ignore
+        let problems, missing =
+            StateCheck.problems strict null sd (StateCheck.entriesOf source)
+
+        StateCheck.refuse $"{model.GetType().Name}: load_state_dict" problems
+
+        let unexpected =
+            source.Keys |> Seq.filter (fun k -> not (sd.ContainsKey k)) |> List.ofSeq
+
+        use _ = torch.no_grad ()
+
+        for kv in source do
+            match sd.TryGetValue kv.Key with
+            | true, t -> t.copy_ kv.Value |> ignore
+            | _ -> ()
+
+        missing, unexpected

@@ -1,5 +1,6 @@
 using System;
 using System.IO;
+using System.Linq;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 
@@ -28,19 +29,22 @@ internal static unsafe class OmpRows
         {
             if (!OperatingSystem.IsLinux())
                 return;
-            string? path = null;
+            // the libgomp that libtorch itself loaded: the one in libtorch_cpu.so's folder (TorchSharp's package ships
+            // libgomp-<hash>.so.1 beside it), not whichever libgomp another library mapped first
+            var files = new System.Collections.Generic.List<string>();
             foreach (var line in File.ReadLines("/proc/self/maps"))
             {
                 int at = line.IndexOf('/');
-                if (at < 0) continue;
-                var file = line.Substring(at);
-                var name = Path.GetFileName(file);
-                if (name.StartsWith("libgomp", StringComparison.Ordinal) && name.Contains(".so"))
-                {
-                    path = file;
-                    break;
-                }
+                if (at >= 0) files.Add(line.Substring(at));
             }
+            static bool IsGomp(string f)
+            {
+                var name = Path.GetFileName(f);
+                return name.StartsWith("libgomp", StringComparison.Ordinal) && name.Contains(".so");
+            }
+            var torchDir = files.Where(f => Path.GetFileName(f) == "libtorch_cpu.so").Select(Path.GetDirectoryName).FirstOrDefault();
+            string? path = files.FirstOrDefault(f => IsGomp(f) && Path.GetDirectoryName(f) == torchDir)
+                ?? files.FirstOrDefault(IsGomp);
             if (path is null || !NativeLibrary.TryLoad(path, out var lib))
                 return;
             if (NativeLibrary.TryGetExport(lib, "GOMP_parallel", out var p)

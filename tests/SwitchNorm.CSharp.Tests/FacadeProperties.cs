@@ -4,7 +4,7 @@ using FsCheck;
 using FsCheck.Fluent;
 using TorchSharp;
 using Xunit;
-using static SwitchNorm.CSharp.nn;
+using static SwitchNorm.CSharp.Layers;
 using static TorchSharp.torch;
 
 namespace SwitchNorm.CSharp.Tests

@@ -4,7 +4,7 @@ using System.Linq;
 using System.Reflection;
 using TorchSharp;
 using Xunit;
-using static SwitchNorm.CSharp.nn;
+using static SwitchNorm.CSharp.Layers;
 using static TorchSharp.torch;
 using TNN = TorchSharp.torch.nn;
 
@@ -107,13 +107,32 @@ namespace SwitchNorm.CSharp.Tests
         }
 
         [Fact]
+        public void No_type_a_CSharp_user_imports_clashes_with_System_or_TorchSharp()
+        {
+            // the names `using System; using TorchSharp; using static TorchSharp.torch;` bring in
+            var taken = typeof(object).Assembly.GetExportedTypes().Where(t => t.Namespace == "System").Select(t => t.Name)
+                .Concat(typeof(torch).Assembly.GetExportedTypes().Where(t => t.Namespace == "TorchSharp").Select(t => t.Name))
+                .Concat(typeof(torch).GetNestedTypes().Select(t => t.Name))
+                .ToHashSet();
+            var ours = typeof(SwitchNormTools).Assembly.GetExportedTypes()
+                .Concat(typeof(global::SwitchNorm.SwitchNormNd).Assembly.GetExportedTypes().Where(t => t.Namespace == "SwitchNorm"))
+                .Where(t => !t.IsNested)
+                .Select(t => t.Name.Split('`')[0]);
+            Assert.Empty(ours.Where(taken.Contains));
+        }
+
+        [Fact]
         public void No_FSharp_types_on_the_CSharp_surface()
         {
             static bool IsFSharp(Type t) =>
                 t.Assembly.GetName().Name == "FSharp.Core" || (t.IsGenericType && t.GetGenericArguments().Any(IsFSharp)) || (t.HasElementType && IsFSharp(t.GetElementType()!));
 
+            // everything C# sees: the facade, and every exported type of the core outside its F#-only namespace
             var types = typeof(SwitchNormTools).Assembly.GetExportedTypes()
-                .Concat(new[] { typeof(global::SwitchNorm.SwitchNormNd), typeof(global::SwitchNorm.SwitchNorm1d), typeof(global::SwitchNorm.SwitchNorm2d), typeof(global::SwitchNorm.SwitchNorm3d) });
+                .Concat(typeof(global::SwitchNorm.SwitchNormNd).Assembly.GetExportedTypes().Where(t => t.Namespace == "SwitchNorm"))
+                .ToArray();
+            Assert.Contains(typeof(global::SwitchNorm.SyncSwitchNorm2d), types);
+            Assert.Contains(typeof(global::SwitchNorm.InProcessGroup), types);
             var offenders =
                 from t in types
                 from m in t.GetMembers(BindingFlags.Public | BindingFlags.Instance | BindingFlags.Static | BindingFlags.DeclaredOnly)

@@ -8,6 +8,7 @@ open System.Runtime.InteropServices
 open TorchSharp
 open global.Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 let private f32 = torch.ScalarType.Float32
@@ -228,7 +229,7 @@ let ``a failure inside backward is a catchable exception, and the process and mo
 let main argv =
     match argv with
     | [| "probe"; name |] ->
-        Platform.limitOneDnnToAvx2 () |> ignore
+        Workarounds.OneDnn.limitOneDnnToAvx2 () |> ignore
         runProbe name
     | _ ->
         printfn "usage: SwitchNorm.Tests probe NAME"

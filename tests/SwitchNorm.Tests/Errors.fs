@@ -6,6 +6,7 @@ open System.IO
 open TorchSharp
 open Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 let private snapshot (m: torch.nn.Module) = [ for kv in m.state_dict () -> kv.Key, kv.Value.detach().clone () ]
@@ -14,7 +15,13 @@ let private unchanged (before: (string * torch.Tensor) list) (m: torch.nn.Module
     let now = m.state_dict ()
 
     for (k, v) in before do
-        Assert.True(exactEq v now[k], $"state '{k}' changed")
+        let w = now[k]
+        // NaN counts as equal to NaN here: a state that held a NaN before still holds it
+        let same =
+            v.shape = w.shape
+            && (v.eq(w).logical_or (v.isnan().logical_and (w.isnan ()))).all().item<bool> ()
+
+        Assert.True(same, $"state '{k}' changed")
 
 [<Fact>]
 let ``wrong rank is refused with the expected and actual shapes`` () =
@@ -107,7 +114,7 @@ let ``checkpoints with missing, unexpected or mis-shaped keys are refused and le
         // mis-shaped: 4 channels
         let p4 = Path.Combine(dir, "c4.bin")
         (new SwitchNorm2d(4L)).save p4 |> ignore
-        throws<InvalidDataException> (fun () -> Checkpoint.load false p4 m |> box) [ "'weight' has shape [4]"; "[3]" ]
+        throws<InvalidDataException> (fun () -> Checkpoint.load false p4 m |> box) [ "size mismatch for 'weight'"; "[3]" ]
         // missing keys: a BatchNorm2d checkpoint lacks the logits
         let pbn = Path.Combine(dir, "bn.bin")
         let bn = torch.nn.BatchNorm2d(3L)
@@ -134,3 +141,109 @@ let ``checkpoints with missing, unexpected or mis-shaped keys are refused and le
         Assert.Equal(2.5f, m.running_mean[0L].item<float32> ())
     finally
         Directory.Delete(dir, true)
+
+[<Fact>]
+let ``running statistics of the wrong length are refused as PyTorch refuses them`` () =
+    let m = new SwitchNorm2d(4L)
+    let before = snapshot m
+    throws<ArgumentException> (fun () -> box (m.running_var <- torch.ones 5L)) [ "running_var should contain 4 elements not 5" ]
+    throws<ArgumentException> (fun () -> box (m.running_mean <- torch.ones (1L))) [ "running_mean should contain 4 elements not 1" ]
+    unchanged before m
+    // the pure core: a bias and running statistics of the wrong size get the same message, not an index error
+    let p = Norm.initParams Norm.paper 4L
+    let x = torch.randn (2L, 4L, 3L, 3L)
+
+    throws<ArgumentException> (fun () -> box (Norm.apply Norm.paper { p with Bias = Some(torch.zeros 5L) } None Mode.Train x)) [
+        "bias should contain 4 elements not 5"
+    ]
+
+    let running = {
+        Norm.initRunning 4L with
+            Var = torch.ones 5L
+    }
+
+    for mode in [ Mode.Train; Mode.Eval ] do
+        throws<ArgumentException> (fun () -> box (Norm.apply Norm.paper p (Some running) mode x)) [
+            "running_var should contain 4 elements not 5"
+        ]
+
+[<Fact>]
+let ``an empty input gives an empty output and changes nothing, as BatchNorm2d does`` () =
+    for dtype in [ torch.ScalarType.Float32; torch.ScalarType.Float64 ] do
+        for shape in [ [| 0L; 3L; 4L; 4L |]; [| 2L; 3L; 0L; 4L |] ] do
+            for training in [ true; false ] do
+                let m = new SwitchNorm2d(3L, dtype = dtype)
+                let bn = torch.nn.BatchNorm2d(3L, dtype = dtype)
+                m.train training |> ignore
+                bn.train training |> ignore
+                let before = snapshot m
+                let x = torch.zeros(shape, dtype = dtype).requires_grad_ true
+                let y = m.forward x
+                Assert.Equal<int64[]>((bn.forward x).shape, y.shape)
+                Assert.Equal(dtype, y.dtype)
+                y.sum().backward ()
+                Assert.Equal<int64[]>(shape, x.grad.shape)
+                Assert.True((m.weight.grad.eq (torch.zeros_like m.weight.grad)).all().item<bool> ())
+                unchanged before m
+
+    // a synchronized layer in eval with an empty shard, as in training
+    let shards =
+        InProcessGroup.Run(
+            2,
+            fun comm ->
+                let m = new SyncSwitchNorm2d(3L, comm)
+                m.eval () |> ignore
+                let n = if comm.Rank = 0 then 0L else 2L
+                (m.forward (torch.randn (n, 3L, 2L, 2L))).shape[0]
+        )
+
+    Assert.Equal<int64[]>([| 0L; 2L |], shards)
+
+[<Fact>]
+let ``InProcessGroup refuses timeouts that are not positive and finite`` () =
+    for t in [ 0.0; -1.0; nan; infinity; 1e300 ] do
+        throws<ArgumentOutOfRangeException> (fun () -> box (InProcessGroup(2, t))) [ "timeout"; string t ]
+
+[<Fact>]
+let ``every switch refuses a non-finite logit, and the module refuses it with the state unchanged`` () =
+    for bad in [ nan; infinity; -infinity ] do
+        let z = torch.tensor [| 0.5; bad; 0.1 |]
+
+        for (name, f) in
+            [
+                "softmax", Mixing.softmax
+                "sparsemax", Mixing.sparsemax
+                "sparsestmax", Mixing.sparsestmax 0.5
+            ] do
+            throws<ArgumentException> (fun () -> box (f z)) [ name; "finite" ]
+
+        for kind in [ SwitchKind.Softmax; SwitchKind.Sparsemax; SwitchKind.Sparsestmax ] do
+            for dtype in [ torch.ScalarType.Float32; torch.ScalarType.Float64 ] do
+                let m = new SwitchNorm2d(3L, dtype = dtype)
+                m.SwitchKind <- kind
+
+                (use _ = torch.no_grad ()
+                 m.var_weight[1L].fill_ (bad) |> ignore)
+
+                let before = snapshot m
+
+                throws<ArgumentException> (fun () -> box (m.forward (torch.randn (2L, 3L, 2L, 2L, dtype = dtype)))) [
+                    "var_weight"
+                    "finite"
+                ]
+
+                unchanged before m
+
+[<Fact>]
+let ``an eps that is zero in the module's dtype is refused`` () =
+    throws<ArgumentOutOfRangeException> (fun () -> box (new SwitchNorm2d(4L, eps = 1e-300))) [ "eps"; "float32" ]
+    // representable in float64: accepted, and a constant input gives zeros, not NaN
+    let m = new SwitchNorm2d(4L, eps = 1e-300, dtype = torch.ScalarType.Float64)
+    let y = m.forward (torch.ones (2L, 4L, 3L, 3L, dtype = torch.ScalarType.Float64))
+    Assert.True(y.isfinite().all().item<bool> ())
+    // the functional core checks it against the input's dtype
+    let spec = { Norm.paper with Eps = 1e-300 }
+
+    throws<ArgumentOutOfRangeException>
+        (fun () -> box (Norm.apply spec (Norm.initParams spec 4L) None Mode.Train (torch.randn (2L, 4L, 3L, 3L))))
+        [ "float32" ]

@@ -4,6 +4,7 @@ module Gradients
 open TorchSharp
 open Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 let private f64 = torch.ScalarType.Float64

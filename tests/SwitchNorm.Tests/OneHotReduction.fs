@@ -6,6 +6,7 @@ open System
 open TorchSharp
 open Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 type F = torch.nn.functional

@@ -10,6 +10,7 @@ open global.FsCheck.Xunit
 open TorchSharp
 open global.Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 
 let private f64 = torch.ScalarType.Float64
 

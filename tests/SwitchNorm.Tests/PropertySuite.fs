@@ -9,6 +9,7 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 let f64 = torch.ScalarType.Float64

@@ -5,6 +5,7 @@ open System
 open TorchSharp
 open Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 let private f64 = torch.ScalarType.Float64

@@ -8,6 +8,7 @@ open global.FsCheck.Xunit
 open TorchSharp
 open global.Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 let private f64 = torch.ScalarType.Float64

@@ -6,6 +6,7 @@ open System.IO
 open TorchSharp
 open Xunit
 open SwitchNorm
+open SwitchNorm.FSharp
 open TestUtil
 
 type Net() as this =
@@ -75,7 +76,7 @@ let ``conversion replaces every BatchNorm, carries state over and keeps the func
     let x = torch.randn (2L, 2L, 5L, 5L)
     let before = net.forward x
     let bnState = [ for kv in net.state_dict () -> kv.Key, kv.Value.clone () ]
-    Convert.batchNorm LogitInit.BatchLeaning 30.0 net |> ignore
+    Conversion.batchNorm LogitInit.BatchLeaning 30.0 net |> ignore
     let mix = Mixture.ofModel net
     Assert.Equal<string list>([ "bn1"; "head.bn" ], mix |> Array.map (fun m -> m.Name) |> List.ofArray |> List.sort)
     let sd = net.state_dict ()
@@ -97,7 +98,7 @@ let ``conversion with uniform logits gives the paper's uniform mixture`` () =
     let sq =
         torch.nn.Sequential(torch.nn.Conv2d(1L, 2L, 1L) :> torch.nn.Module<torch.Tensor, torch.Tensor>, torch.nn.BatchNorm2d(2L))
 
-    Convert.batchNorm LogitInit.Uniform 0.0 sq |> ignore
+    Conversion.batchNorm LogitInit.Uniform 0.0 sq |> ignore
     let m = Mixture.ofModel sq |> Array.exactlyOne
 
     for w in Array.append m.Mean m.Var do
@@ -109,7 +110,7 @@ let ``conversion with uniform logits gives the paper's uniform mixture`` () =
 let ``conversion refuses a field typed as BatchNorm2d and changes nothing`` () =
     let m = new Typed()
     let before = m.state_dict().Keys |> List.ofSeq
-    throws<InvalidOperationException> (fun () -> Convert.batchNorm LogitInit.Uniform 0.0 m |> box) [ "declared as BatchNorm2d" ]
+    throws<InvalidOperationException> (fun () -> Conversion.batchNorm LogitInit.Uniform 0.0 m |> box) [ "declared as BatchNorm2d" ]
     Assert.Equal<string list>(before, m.state_dict().Keys |> List.ofSeq)
 
 [<Fact>]
@@ -142,12 +143,12 @@ let ``conversion maps BatchNorm1d and BatchNorm3d to SwitchNorm1d and SwitchNorm
     let sq =
         torch.nn.Sequential(bn1 :> torch.nn.Module<torch.Tensor, torch.Tensor>, bn3 :> torch.nn.Module<torch.Tensor, torch.Tensor>)
 
-    Convert.batchNorm LogitInit.Uniform 0.0 sq |> ignore
+    Conversion.batchNorm LogitInit.Uniform 0.0 sq |> ignore
     let s1 = Assert.IsType<SwitchNorm1d>(sq[0] :> obj)
     let s3 = Assert.IsType<SwitchNorm3d>(sq[1] :> obj)
     Assert.Equal(1e-3, s1.eps)
     Assert.Equal(Nullable 0.2, s1.momentum)
     Assert.False(s3.momentum.HasValue)
     // a BatchNorm given directly is returned converted
-    Assert.IsType<SwitchNorm2d>(Convert.batchNorm LogitInit.Uniform 0.0 (torch.nn.BatchNorm2d(4L)) :> obj)
+    Assert.IsType<SwitchNorm2d>(Conversion.batchNorm LogitInit.Uniform 0.0 (torch.nn.BatchNorm2d(4L)) :> obj)
     |> ignore
