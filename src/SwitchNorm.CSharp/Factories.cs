@@ -209,15 +209,20 @@ namespace SwitchNorm.CSharp
     public static class SwitchNormTools
     {
         /// <summary>
-        /// Replaces every BatchNorm1d/2d/3d in <paramref name="model"/> by the matching SwitchNorm, in place, carrying over
-        /// options, weight, bias, running statistics, num_batches_tracked and the train/eval mode. Returns the model (or the
-        /// new layer when the model itself is a BatchNorm).
+        /// Replaces every BatchNorm1d/2d/3d that <paramref name="model"/>'s forward can reach (children, Sequentials,
+        /// ModuleLists, ModuleDicts, fields, at any depth) by the matching SwitchNorm, in place, carrying over options
+        /// (affine and track_running_stats included), weight, bias, running statistics, num_batches_tracked and the
+        /// train/eval mode. A BatchNorm used in several places becomes one shared SwitchNorm. Anything it cannot do is
+        /// refused before anything changes.
         /// </summary>
         /// <param name="model">The module tree to convert.</param>
         /// <param name="init">Starting logits: <see cref="LogitInit.Uniform"/> (the paper) or <see cref="LogitInit.BatchLeaning"/>.</param>
         /// <param name="bn_logit_margin">With BatchLeaning, how much BN's logits exceed the others: BN weight 1/(1 + 2e^−margin). Default 8 (0.9993).</param>
-        /// <exception cref="InvalidOperationException">A parent's field is declared with a type that cannot hold a SwitchNorm; nothing is changed.</exception>
-        public static torch.nn.Module ConvertBatchNorm(this torch.nn.Module model, LogitInit init = LogitInit.Uniform, double bn_logit_margin = 8.0) =>
+        /// <returns>The converted model (the new layer when the model itself is a BatchNorm), the names of the places that
+        /// held a BatchNorm, and how many were replaced.</returns>
+        /// <exception cref="InvalidOperationException">A field or container typed for BatchNorm only, or a margin whose
+        /// logits are not finite in the layer's dtype; nothing is changed.</exception>
+        public static global::SwitchNorm.ConversionResult ConvertBatchNorm(this torch.nn.Module model, LogitInit init = LogitInit.Uniform, double bn_logit_margin = 8.0) =>
             global::SwitchNorm.FSharp.Conversion.BatchNormToSwitchNorm(init, bn_logit_margin, model);
 
         /// <summary>

@@ -7,6 +7,21 @@ type LogitInit =
     /// BN's logits raised by a margin, so a pretrained network keeps (nearly) its function at first.
     | BatchLeaning = 1
 
+/// What a conversion from BatchNorm did: the converted model and where the BatchNorms were.
+[<Sealed; AllowNullLiteral>]
+type ConversionResult internal (model: TorchSharp.torch.nn.Module, names: string[], count: int) =
+    /// The converted model (the new SwitchNorm when the model itself was a BatchNorm).
+    member _.Model = model
+    /// The dotted names of the places that held a BatchNorm ("" for the model itself); a BatchNorm used in several
+    /// places appears under each name.
+    member _.Names: System.Collections.Generic.IReadOnlyList<string> = names
+    /// How many BatchNorm modules were replaced (each by one SwitchNorm, however many places it was used in).
+    member _.Count = count
+
+    /// "converted N BatchNorm(s): a, b, ...".
+    override _.ToString() =
+        $"converted {count} BatchNorm(s): " + System.String.Join(", ", names)
+
 namespace SwitchNorm.FSharp
 
 open System
@@ -96,25 +111,71 @@ module Conversion =
     let private sequentialModulesField =
         typeof<TorchSharp.Modules.Sequential>.GetField("_modules", BindingFlags.Instance ||| BindingFlags.NonPublic)
 
+    /// The element type T of a ModuleList&lt;T&gt; or ModuleDict&lt;T&gt; (or a type derived from one), if the parent is one.
+    let private containerOf (parent: torch.nn.Module) =
+        let rec find (t: Type) =
+            if isNull t then
+                None
+            elif
+                t.IsGenericType
+                && (t.GetGenericTypeDefinition() = typedefof<TorchSharp.Modules.ModuleList<torch.nn.Module>>
+                    || t.GetGenericTypeDefinition() = typedefof<TorchSharp.Modules.ModuleDict<torch.nn.Module>>)
+            then
+                Some(t.GetGenericTypeDefinition(), t.GetGenericArguments()[0])
+            else
+                find t.BaseType
+
+        find (parent.GetType())
+
+    /// A module's children with their names: the registry's, and a ModuleList's or ModuleDict's own items (which
+    /// TorchSharp registers only once the container is itself registered in a parent).
+    let private childrenOf (parent: torch.nn.Module) : (string * torch.nn.Module) list =
+        let registered = [ for struct (name, child) in parent.named_children () -> name, child ]
+
+        let own =
+            match containerOf parent with
+            | Some(def, element) when def = typedefof<TorchSharp.Modules.ModuleList<torch.nn.Module>> ->
+                let t = parent.GetType()
+                let item = t.GetProperty("Item", element, [| typeof<int> |])
+                let count = t.GetProperty("Count").GetValue parent :?> int
+                [ for i in 0 .. count - 1 -> string i, item.GetValue(parent, [| box i |]) :?> torch.nn.Module ]
+            | Some(_, element) ->
+                let t = parent.GetType()
+                let item = t.GetProperty("Item", element, [| typeof<string> |])
+                let keys = t.GetMethod("keys").Invoke(parent, [||]) :?> IEnumerable<string>
+                [ for k in List.ofSeq keys -> k, item.GetValue(parent, [| box k |]) :?> torch.nn.Module ]
+            | None -> []
+
+        registered
+        @ (own |> List.filter (fun (n, _) -> not (List.exists (fun (r, _) -> r = n) registered)))
+
+    /// The dtype and device of a BatchNorm's tensors (the defaults when it has none: affine=false without running statistics).
+    let private dtypeDevice (bn: TorchSharp.Modules.BatchNorm) =
+        let t =
+            [ bn.weight :> torch.Tensor; bn.running_mean ]
+            |> List.tryFind (fun t -> not (isNull (box t)))
+
+        match t with
+        | Some t -> t.dtype, t.device
+        | None -> torch.get_default_dtype (), torch.CPU
+
     /// The SwitchNorm that matches a BatchNorm, carrying over its options, weight, bias, running statistics and counter.
     let private fromBatchNorm (init: LogitInit) (margin: float) (bn: TorchSharp.Modules.BatchNorm) : SwitchNormNd =
-        let p = bn.weight
-        let dt = if isNull (box p) then bn.running_mean.dtype else p.dtype
-        let dev = if isNull (box p) then bn.running_mean.device else p.device
+        let dt, dev = dtypeDevice bn
 
         let sn: SwitchNormNd =
             match bn with
             | :? TorchSharp.Modules.BatchNorm1d ->
-                new SwitchNorm1d(bn.num_features, bn.eps, 0.1, bn.affine, bn.track_running_stats, dev, Nullable dt)
+                new SwitchNorm1d(bn.num_features, bn.eps, Defaults.Momentum, bn.affine, bn.track_running_stats, dev, Nullable dt)
             | :? TorchSharp.Modules.BatchNorm3d ->
-                new SwitchNorm3d(bn.num_features, bn.eps, 0.1, bn.affine, bn.track_running_stats, dev, Nullable dt)
-            | _ -> new SwitchNorm2d(bn.num_features, bn.eps, 0.1, bn.affine, bn.track_running_stats, dev, Nullable dt)
+                new SwitchNorm3d(bn.num_features, bn.eps, Defaults.Momentum, bn.affine, bn.track_running_stats, dev, Nullable dt)
+            | _ -> new SwitchNorm2d(bn.num_features, bn.eps, Defaults.Momentum, bn.affine, bn.track_running_stats, dev, Nullable dt)
 
         sn.momentum <- bn.momentum
         sn.train bn.training |> ignore
         use _ = torch.no_grad ()
 
-        if bn.affine then
+        if bn.affine && not (isNull (box bn.weight)) then
             sn.weight.copy_ (bn.weight) |> ignore
             sn.bias.copy_ (bn.bias) |> ignore
 
@@ -130,30 +191,36 @@ module Conversion =
 
         sn
 
-    /// <summary>
-    /// Replaces every BatchNorm1d/2d/3d in the module tree by the matching SwitchNorm1d/2d/3d, in place, and returns
-    /// the model (or the new layer when the model itself is a BatchNorm). Options, weight, bias, running statistics
-    /// num_batches_tracked and the train/eval mode carry over. <paramref name="init"/> picks the starting logits: Uniform (the paper) or
-    /// BatchLeaning, which adds <paramref name="margin"/> to BN's logits (BN weight 1/(1 + 2e^−margin); 0.9991 at the
-    /// default margin 8) so a pretrained network keeps its function at first.
-    /// Children are replaced in the module registry and in any field of the parent that refers to them, so custom
-    /// modules keep working; a field whose declared type cannot hold a SwitchNorm (for example one declared as
-    /// BatchNorm2d) is reported before anything changes.
-    /// </summary>
-    [<CompiledName("BatchNormToSwitchNorm")>]
-    let batchNorm (init: LogitInit) (margin: float) (model: torch.nn.Module) : torch.nn.Module =
-        if not (Double.IsFinite margin) then
-            invalidArg "margin" $"Conversion.batchNorm: the BN logit margin must be finite; got {margin}."
+    /// One place that refers to a BatchNorm: its parent and name there.
+    type private Site = {
+        Parent: torch.nn.Module
+        Name: string
+        Path: string
+        Bn: TorchSharp.Modules.BatchNorm
+        Fields: FieldInfo list
+    }
 
-        match model with
-        | :? TorchSharp.Modules.BatchNorm as bn -> fromBatchNorm init margin bn :> torch.nn.Module
-        | _ ->
-            // plan every replacement first, so a refusal leaves the model untouched
-            let plan =
-                List<torch.nn.Module * string * TorchSharp.Modules.BatchNorm * FieldInfo list>()
+    let private refuse (text: string) =
+        raise (InvalidOperationException($"Conversion.batchNorm: {text}; nothing was changed."))
 
-            let rec visit (parent: torch.nn.Module) (path: string) =
-                for struct (name, child) in List.ofSeq (parent.named_children ()) do
+    /// Refuses a margin whose BN logit 1 + margin is not finite in the layer's dtype (1e39 in float32).
+    let private checkMargin (init: LogitInit) (margin: float) (bn: TorchSharp.Modules.BatchNorm) (path: string) =
+        if init = LogitInit.BatchLeaning then
+            let dt, _ = dtypeDevice bn
+            use logit = torch.tensor(1.0 + margin, dtype = torch.ScalarType.Float64).to_type dt
+
+            if not (logit.isfinite().item<bool> ()) then
+                refuse $"the BN logit 1 + margin = {1.0 + margin} is not finite in {dt} (layer '{path}'); use a smaller margin"
+
+    /// Every place in the tree that refers to a BatchNorm, checked: a field or container that cannot hold a SwitchNorm,
+    /// a dtype in which the margin's logits are not finite, and a BatchNorm with options a SwitchNorm cannot take are
+    /// refused before anything changes.
+    let private plan (init: LogitInit) (margin: float) (model: torch.nn.Module) =
+        let sites = List<Site>()
+
+        let rec visit (parent: torch.nn.Module) (path: string) (seen: HashSet<torch.nn.Module>) =
+            if seen.Add parent then
+                for (name, child) in childrenOf parent do
                     let full = if path = "" then name else path + "." + name
 
                     match child with
@@ -164,46 +231,118 @@ module Conversion =
 
                         for f in fields do
                             if not (f.FieldType.IsAssignableFrom typeof<SwitchNorm2d>) then
-                                raise (
-                                    InvalidOperationException(
-                                        $"Conversion.batchNorm: cannot replace '{full}': field '{f.Name}' of {parent.GetType().Name} is declared as {f.FieldType.Name}; declare it as Module<Tensor, Tensor> (or a base type) to allow the swap."
-                                    )
-                                )
+                                refuse
+                                    $"cannot replace '{full}': field '{f.Name}' of {parent.GetType().Name} is declared as {f.FieldType.Name}; declare it as Module<Tensor, Tensor> (or a base type) to allow the swap"
 
-                        plan.Add((parent, name, bn, fields))
-                    | _ -> visit child full
+                        match containerOf parent with
+                        | Some(_, element) when not (element.IsAssignableFrom typeof<SwitchNorm2d>) ->
+                            refuse
+                                $"cannot replace '{full}': its container {parent.GetType().Name} holds only {element.Name}; make it a ModuleList/ModuleDict of Module<Tensor, Tensor>"
+                        | _ -> ()
 
-            visit model ""
+                        sites.Add
+                            {
+                                Parent = parent
+                                Name = name
+                                Path = full
+                                Bn = bn
+                                Fields = fields
+                            }
+                    | _ -> visit child full seen
 
-            for (parent, name, bn, fields) in plan do
-                let sn = fromBatchNorm init margin bn
+        visit model "" (HashSet<torch.nn.Module>(HashIdentity.Reference))
 
-                match parent with
-                | :? TorchSharp.Modules.Sequential as s ->
-                    let items =
-                        sequentialModulesField.GetValue s :?> List<torch.nn.IModule<torch.Tensor, torch.Tensor>>
+        for s in sites do
+            checkMargin init margin s.Bn s.Path
 
-                    let i = items.FindIndex(fun m -> obj.ReferenceEquals(m, bn))
+        sites
+
+    /// Puts sn where the site's BatchNorm was: the module registry, a Sequential's list, a ModuleList or ModuleDict,
+    /// and the parent's fields.
+    let private replace (site: Site) (sn: SwitchNormNd) =
+        let parent, bn = site.Parent, site.Bn
+
+        match parent with
+        | :? TorchSharp.Modules.Sequential as s ->
+            let items =
+                sequentialModulesField.GetValue s :?> List<torch.nn.IModule<torch.Tensor, torch.Tensor>>
+
+            for i in 0 .. items.Count - 1 do
+                if obj.ReferenceEquals(items[i], bn) then
                     items[i] <- sn
-                | _ -> ()
+        | _ -> ()
 
-                let dict = submodulesField.GetValue parent
+        match containerOf parent with
+        | Some(def, element) when def = typedefof<TorchSharp.Modules.ModuleList<torch.nn.Module>> ->
+            let t = parent.GetType()
+            let item = t.GetProperty("Item", element, [| typeof<int> |])
+            let count = t.GetProperty("Count").GetValue parent :?> int
 
-                if not (isNull dict) then
-                    let item = dict.GetType().GetProperty("Item", [| typeof<string> |])
-                    let contains = dict.GetType().GetMethod("ContainsKey", [| typeof<string> |])
+            for i in 0 .. count - 1 do
+                if obj.ReferenceEquals(item.GetValue(parent, [| box i |]), bn) then
+                    item.SetValue(parent, sn, [| box i |])
+        | Some(_, element) ->
+            // ModuleDict<T>: its string indexer keeps the list and the dictionary in step
+            let item = parent.GetType().GetProperty("Item", element, [| typeof<string> |])
+            item.SetValue(parent, sn, [| box site.Name |])
+        | None -> ()
 
-                    if
-                        not (isNull item)
-                        && not (isNull contains)
-                        && (contains.Invoke(dict, [| box name |]) :?> bool)
-                    then
-                        item.SetValue(dict, sn, [| box name |])
+        let dict = submodulesField.GetValue parent
 
-                for f in fields do
-                    f.SetValue(parent, sn)
+        if not (isNull dict) then
+            let item = dict.GetType().GetProperty("Item", [| typeof<string> |])
+            let contains = dict.GetType().GetMethod("ContainsKey", [| typeof<string> |])
 
-            model
+            if
+                not (isNull item)
+                && not (isNull contains)
+                && (contains.Invoke(dict, [| box site.Name |]) :?> bool)
+            then
+                item.SetValue(dict, sn, [| box site.Name |])
+
+        for f in site.Fields do
+            f.SetValue(parent, sn)
+
+    /// <summary>
+    /// Replaces every BatchNorm1d/2d/3d that the model's forward can reach by the matching SwitchNorm1d/2d/3d, in place:
+    /// children of any module, inside Sequentials, ModuleLists and ModuleDicts, in fields of custom modules, at any
+    /// depth. A BatchNorm used in several places becomes one SwitchNorm used in all of them, so tying is kept. Options
+    /// (affine and track_running_stats included), weight, bias, running statistics, num_batches_tracked and the
+    /// train/eval mode carry over. <paramref name="init"/> picks the starting logits: Uniform (the paper) or
+    /// BatchLeaning, which adds <paramref name="margin"/> to BN's logits (BN weight 1/(1 + 2e^−margin); 0.9993 at the
+    /// default margin 8) so a pretrained network keeps its function at first. Anything it cannot do (a field or
+    /// container typed for BatchNorm only, a margin whose logits are not finite in the layer's dtype) is refused with
+    /// an InvalidOperationException before anything changes. Returns the converted model (the new layer when the
+    /// model itself is a BatchNorm) and where the BatchNorms were.
+    /// </summary>
+    [<CompiledName("BatchNormToSwitchNorm")>]
+    let batchNorm (init: LogitInit) (margin: float) (model: torch.nn.Module) : ConversionResult =
+        if isNull (box model) then
+            nullArg "model"
+
+        if not (Double.IsFinite margin) then
+            invalidArg "margin" $"Conversion.batchNorm: the BN logit margin must be finite; got {margin}."
+
+        match model with
+        | :? TorchSharp.Modules.BatchNorm as bn ->
+            checkMargin init margin bn ""
+            ConversionResult(fromBatchNorm init margin bn, [| "" |], 1)
+        | _ ->
+            let sites = plan init margin model
+            let made = Dictionary<TorchSharp.Modules.BatchNorm, SwitchNormNd>(HashIdentity.Reference)
+
+            for site in sites do
+                let sn =
+                    match made.TryGetValue site.Bn with
+                    | true, sn -> sn
+                    | _ ->
+                        let sn = fromBatchNorm init margin site.Bn
+                        made[site.Bn] <- sn
+                        sn
+
+                replace site sn
+
+            ConversionResult(model, [| for s in sites -> s.Path |], made.Count)
 
 /// Batch-average recalibration of the BN running statistics (the paper found it better than a moving average).
 [<RequireQualifiedAccess>]

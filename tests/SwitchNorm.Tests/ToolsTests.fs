@@ -150,5 +150,5 @@ let ``conversion maps BatchNorm1d and BatchNorm3d to SwitchNorm1d and SwitchNorm
     Assert.Equal(Nullable 0.2, s1.momentum)
     Assert.False(s3.momentum.HasValue)
     // a BatchNorm given directly is returned converted
-    Assert.IsType<SwitchNorm2d>(Conversion.batchNorm LogitInit.Uniform 0.0 (torch.nn.BatchNorm2d(4L)) :> obj)
+    Assert.IsType<SwitchNorm2d>((Conversion.batchNorm LogitInit.Uniform 0.0 (torch.nn.BatchNorm2d(4L))).Model :> obj)
     |> ignore
