@@ -109,8 +109,8 @@ module internal TensorPath =
         if isNull beta then y else y + beta.view (1L, -1L, 1L)
 
     /// <summary>
-    /// The whole tensor path on x3 (N, C, S) in the compute dtype: the per-row moments of one two-pass reduction, the
-    /// table's statistics, and the output; also the scope's batch moments when a statistic is PerChannel. The
+    /// The whole tensor path on x3 (N, C, S) in the compute dtype (statistics and output in float64 for float32 input,
+    /// so no square overflows): the per-row moments of one two-pass reduction, the table's statistics, and the output; also the scope's batch moments when a statistic is PerChannel. The
     /// weights are the switch's, in the compute dtype; gamma and beta are in it too, or null.
     /// </summary>
     let forward
@@ -125,7 +125,17 @@ module internal TensorPath =
         (wVar: torch.Tensor)
         (x3: torch.Tensor)
         =
-        let inst = Moments.ofRows x3
+        // float32 statistics are taken in float64: a spread of about 1.8e19 already overflows a float32 square
+        let sd =
+            if x3.dtype = torch.ScalarType.Float32 then
+                torch.ScalarType.Float64
+            else
+                x3.dtype
+
+        let inS (t: torch.Tensor) =
+            if isNull t || t.dtype = sd then t else t.to_type sd
+
+        let inst = Moments.ofRows (inS x3)
 
         let batch =
             if List.contains PerChannel kinds then
@@ -134,4 +144,8 @@ module internal TensorPath =
                 None
 
         let stats = statistics kinds inst batch running
-        output x3 inst.Mean stats eps gamma beta wMean wVar, batch
+
+        let y =
+            output (inS x3) inst.Mean stats eps (inS gamma) (inS beta) (inS wMean) (inS wVar)
+
+        (if y.dtype = x3.dtype then y else y.to_type x3.dtype), batch

@@ -138,16 +138,23 @@ module Conversion =
                 let t = parent.GetType()
                 let item = t.GetProperty("Item", element, [| typeof<int> |])
                 let count = t.GetProperty("Count").GetValue parent :?> int
-                [ for i in 0 .. count - 1 -> string i, item.GetValue(parent, [| box i |]) :?> torch.nn.Module ]
+
+                [
+                    for i in 0 .. count - 1 -> string i, item.GetValue(parent, [| box i |]) :?> torch.nn.Module
+                ]
             | Some(_, element) ->
                 let t = parent.GetType()
                 let item = t.GetProperty("Item", element, [| typeof<string> |])
                 let keys = t.GetMethod("keys").Invoke(parent, [||]) :?> IEnumerable<string>
-                [ for k in List.ofSeq keys -> k, item.GetValue(parent, [| box k |]) :?> torch.nn.Module ]
+
+                [
+                    for k in List.ofSeq keys -> k, item.GetValue(parent, [| box k |]) :?> torch.nn.Module
+                ]
             | None -> []
 
         registered
-        @ (own |> List.filter (fun (n, _) -> not (List.exists (fun (r, _) -> r = n) registered)))
+        @ (own
+           |> List.filter (fun (n, _) -> not (List.exists (fun (r, _) -> r = n) registered)))
 
     /// The dtype and device of a BatchNorm's tensors (the defaults when it has none: affine=false without running statistics).
     let private dtypeDevice (bn: TorchSharp.Modules.BatchNorm) =
@@ -240,14 +247,13 @@ module Conversion =
                                 $"cannot replace '{full}': its container {parent.GetType().Name} holds only {element.Name}; make it a ModuleList/ModuleDict of Module<Tensor, Tensor>"
                         | _ -> ()
 
-                        sites.Add
-                            {
-                                Parent = parent
-                                Name = name
-                                Path = full
-                                Bn = bn
-                                Fields = fields
-                            }
+                        sites.Add {
+                            Parent = parent
+                            Name = name
+                            Path = full
+                            Bn = bn
+                            Fields = fields
+                        }
                     | _ -> visit child full seen
 
         visit model "" (HashSet<torch.nn.Module>(HashIdentity.Reference))
@@ -329,7 +335,9 @@ module Conversion =
             ConversionResult(fromBatchNorm init margin bn, [| "" |], 1)
         | _ ->
             let sites = plan init margin model
-            let made = Dictionary<TorchSharp.Modules.BatchNorm, SwitchNormNd>(HashIdentity.Reference)
+
+            let made =
+                Dictionary<TorchSharp.Modules.BatchNorm, SwitchNormNd>(HashIdentity.Reference)
 
             for site in sites do
                 let sn =

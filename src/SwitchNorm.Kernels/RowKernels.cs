@@ -57,10 +57,44 @@ internal static unsafe class RowKernels
             float* p = x + (long)i * s;
             float a = (float)(Sum(p, s) * inv);
             Centred(p, s, a, out double s1, out double s2);
+
+            if (!double.IsFinite(s2))
+            {
+                StatsRow64(p, s, out centre[i], out mean[i], out m2[i]);
+                continue;
+            }
+
             centre[i] = a;
             mean[i] = a + s1 * inv;
             m2[i] = Math.Max(0.0, s2 - s1 * s1 * inv);
         }
+    }
+
+    /// <summary>
+    /// <see cref="Stats"/> of one row accumulated in float64, for rows whose float32 block sums overflow: a spread of
+    /// about 1.8e19 already overflows a float32 square. Every float32 value is finite in float64 squares, so rows of
+    /// any finite values get their exact statistics; the fast path costs one finiteness test per row.
+    /// </summary>
+    private static void StatsRow64(float* p, int s, out double centre, out double mean, out double m2)
+    {
+        double inv = 1.0 / s, sum = 0;
+
+        for (int j = 0; j < s; j++)
+            sum += p[j];
+
+        float a = (float)(sum * inv);
+        double s1 = 0, s2 = 0;
+
+        for (int j = 0; j < s; j++)
+        {
+            double d = (double)p[j] - a;
+            s1 += d;
+            s2 += d * d;
+        }
+
+        centre = a;
+        mean = a + s1 * inv;
+        m2 = Math.Max(0.0, s2 - s1 * s1 * inv);
     }
 
     /// <summary>
@@ -173,6 +207,16 @@ internal static unsafe class RowKernels
             Store4(vc, centre, i, hi);
             Store4(vm, mean, i, hi);
             Store4(vm2, m2, i, hi);
+
+            // a row whose float32 sums overflowed (or any NaN) is redone in float64; finite rows pass one test per group
+            var finite = Vector256.LessThan(Vector256.Abs(s2 + vm), Vector256.Create(double.PositiveInfinity));
+
+            if (Vector256.ExtractMostSignificantBits(finite) != 0xFu)
+            {
+                for (int r = 0; r < Math.Min(4, hi - i); r++)
+                    if (!double.IsFinite(m2[i + r]) || !double.IsFinite(mean[i + r]) || !double.IsFinite(s2.GetElement(r)))
+                        StatsRow64(x + (long)(i + r) * s, s, out centre[i + r], out mean[i + r], out m2[i + r]);
+            }
         }
     }
 

@@ -75,7 +75,11 @@ type ConversionArbs =
             | Seq cs
             | ListOf cs
             | DictOf cs -> Seq.ofList cs
-            | Fields(a, b) -> seq { a; b }
+            | Fields(a, b) ->
+                seq {
+                    a
+                    b
+                }
             | _ -> Seq.empty
 
         Arb.fromGenShrink (shape 3, shrink)
@@ -94,7 +98,9 @@ let private calls<'T when 'T :> torch.nn.Module> (model: M) (x: torch.Tensor) =
     let seen = List<torch.nn.Module>()
 
     let removers = [
-        for m in (model :> torch.nn.Module) :: [ for struct (_, m) in model.named_modules () -> m ] do
+        for m in
+            (model :> torch.nn.Module)
+            :: [ for struct (_, m) in model.named_modules () -> m ] do
             match m with
             | :? 'T ->
                 let h = m :?> M
@@ -111,14 +117,17 @@ let private calls<'T when 'T :> torch.nn.Module> (model: M) (x: torch.Tensor) =
     List.ofSeq seen
 
 let private convertsEverythingReached (s: Shape) =
-    let pool: torch.nn.Module[] = Array.init 3 (fun _ -> torch.nn.BatchNorm2d(2L, dtype = torch.ScalarType.Float64))
+    let pool: torch.nn.Module[] =
+        Array.init 3 (fun _ -> torch.nn.BatchNorm2d(2L, dtype = torch.ScalarType.Float64))
+
     let model = build pool s
     let x = torch.randn (2L, 2L, 3L, 3L, dtype = torch.ScalarType.Float64)
     model.eval () |> ignore
 
     let inRegistry =
         HashSet<torch.nn.Module>(
-            (model :> torch.nn.Module) :: [ for struct (_, m) in model.named_modules () -> m ]
+            (model :> torch.nn.Module)
+            :: [ for struct (_, m) in model.named_modules () -> m ]
             |> List.filter (fun m -> m :? TorchSharp.Modules.BatchNorm),
             HashIdentity.Reference
         )
@@ -129,7 +138,8 @@ let private convertsEverythingReached (s: Shape) =
     let after = calls<SwitchNormNd> model x
 
     let left =
-        (model :> torch.nn.Module) :: [ for struct (_, m) in model.named_modules () -> m ]
+        (model :> torch.nn.Module)
+        :: [ for struct (_, m) in model.named_modules () -> m ]
         |> List.filter (fun m -> m :? TorchSharp.Modules.BatchNorm)
     // the same BatchNorm before ↦ the same SwitchNorm after, different ones ↦ different ones
     let pairs = List.zip (List.truncate after.Length before) after
@@ -144,7 +154,8 @@ let private convertsEverythingReached (s: Shape) =
      && before.Length = after.Length
      && tied
      && result.Count = inRegistry.Count)
-    |> Prop.label $"left {left.Length}, calls {before.Length} -> {after.Length}, tied {tied}, count {result.Count} (in the registry {inRegistry.Count})"
+    |> Prop.label
+        $"left {left.Length}, calls {before.Length} -> {after.Length}, tied {tied}, count {result.Count} (in the registry {inRegistry.Count})"
 
 [<Properties(Arbitrary = [| typeof<ConversionArbs> |], MaxTest = 60)>]
 module ConversionProperties =
@@ -177,7 +188,9 @@ let ``a margin whose logits are not finite in the dtype, or a container typed fo
         "nothing was changed"
     ]
 
-    let typed = torch.nn.ModuleList<TorchSharp.Modules.BatchNorm2d>(torch.nn.BatchNorm2d(3L))
+    let typed =
+        torch.nn.ModuleList<TorchSharp.Modules.BatchNorm2d>(torch.nn.BatchNorm2d(3L))
+
     throws<InvalidOperationException> (fun () -> box (Conversion.batchNorm LogitInit.Uniform 0.0 typed)) [ "holds only BatchNorm2d" ]
     Assert.IsType<TorchSharp.Modules.BatchNorm2d>(typed[0])
 

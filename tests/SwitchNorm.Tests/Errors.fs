@@ -247,3 +247,34 @@ let ``an eps that is zero in the module's dtype is refused`` () =
     throws<ArgumentOutOfRangeException>
         (fun () -> box (Norm.apply spec (Norm.initParams spec 4L) None Mode.Train (torch.randn (2L, 4L, 3L, 3L))))
         [ "float32" ]
+
+[<Fact>]
+let ``float32 inputs up to 1e30 in magnitude are normalized as in float64, on both paths`` () =
+    let x = randnSeeded 77L [| 8L; 4L; 5L; 5L |] torch.ScalarType.Float64
+
+    let channels =
+        torch.tensor([| 1e30; 1e-30; 1e-30; 1e-30 |], dtype = torch.ScalarType.Float64).view (1L, 4L, 1L, 1L)
+
+    for (what, input) in
+        [
+            "spread 1e19", x * 1e19
+            "spread 1e25", x * 1e25
+            "spread 1e30", x * 1e30
+            "one channel of 1e30 beside three of 1e-30", x * channels
+        ] do
+        for fused in [ true; false ] do
+            for training in [ true; false ] do
+                let m32 = new SwitchNorm2d(4L)
+                let m64 = new SwitchNorm2d(4L, dtype = torch.ScalarType.Float64)
+                m32.Fused <- fused
+
+                for m in [ m32 :> SwitchNormNd; m64 ] do
+                    use _ = torch.no_grad ()
+                    m.mean_weight.copy_ (torch.tensor [| 0.3; -0.2; 0.5 |]) |> ignore
+                    m.var_weight.copy_ (torch.tensor [| 0.1; 0.4; -0.3 |]) |> ignore
+                    m.train training |> ignore
+
+                let x32 = input.to_type torch.ScalarType.Float32
+                let y32 = m32.forward x32
+                let y64 = m64.forward (x32.to_type torch.ScalarType.Float64)
+                assertClose $"{what}, fused {fused}, training {training}" (tol torch.ScalarType.Float32) y32 y64
