@@ -123,8 +123,8 @@ type internal GradHandOver private () =
 
 /// What a custom function records at forward about its arguments, to fail safely in its backward.
 type internal Arguments = {
-    /// Per argument: the shape and dtype of a tensor that needs a gradient, else None.
-    NeedGrad: (int64[] * torch.ScalarType) option[]
+    /// Per argument: whether it is a tensor that needs a gradient.
+    NeedGrad: bool[]
 }
 
 /// Plumbing shared by the custom autograd functions.
@@ -139,15 +139,15 @@ module internal Autograd =
             vars
             |> Array.map (fun v ->
                 match v with
-                | :? torch.Tensor as t when t.requires_grad -> Some(t.shape, t.dtype)
-                | _ -> None)
+                | :? torch.Tensor as t -> t.requires_grad
+                | _ -> false)
 
         ctx.save_data (argumentsKey, box { NeedGrad = need })
 
     /// <summary>
     /// Runs a custom backward so that nothing it throws crosses the native boundary: on an exception, the cause is handed
-    /// to BackwardFailure and libtorch gets, at the first argument that needs a gradient, a meta-device tensor it
-    /// refuses. A second backward through the same graph without retain_graph is refused as PyTorch refuses it, since
+    /// to BackwardFailure and libtorch gets, at the first argument that needs a gradient, a 0-dim meta-device tensor,
+    /// which it refuses for every argument here (all have at least one dimension, so the shape cannot match). A second backward through the same graph without retain_graph is refused as PyTorch refuses it, since
     /// TorchSharp's nodes never release what they saved.
     /// </summary>
     let guarded (layer: string) (ctx: torch.autograd.AutogradContext) (body: unit -> List<torch.Tensor>) : List<torch.Tensor> =
@@ -171,14 +171,14 @@ module internal Autograd =
             let mutable poisoned = false
             let grads = List<torch.Tensor>()
 
-            for a in args.NeedGrad do
-                match a with
-                | Some(shape, dtype) when not poisoned ->
+            for need in args.NeedGrad do
+                if need && not poisoned then
                     poisoned <- true
-                    let t = torch.empty (shape, dtype = dtype, device = torch.device "meta")
+                    let t = torch.empty (Array.empty<int64>, device = torch.device "meta")
                     GradHandOver.Keep [ t ]
                     grads.Add t
-                | _ -> grads.Add null
+                else
+                    grads.Add null
 
             grads
 

@@ -139,15 +139,12 @@ module Functional =
 
         let valuesPerChannel = if c > 0L then x.numel () / c else 0L
 
-        if
-            batchFromInput
-            && spec.Scope = Scope.Local
-            && x.numel () > 0L
-            && valuesPerChannel <= 1L
-        then
+        if batchFromInput && spec.Scope = Scope.Local && valuesPerChannel = 1L then
             invalidArg
                 "input"
                 $"{layer}: expected more than 1 value per channel when using batch statistics (training, or no running statistics); got input shape {Checks.shapeText x.shape}, so N × spatial = {valuesPerChannel}. Use a larger batch or set using_bn = false."
+
+        valuesPerChannel
 
     /// <summary>
     /// The output of an empty input (N = 0 or a spatial size 0), as BatchNorm gives it: an empty tensor of the input's
@@ -198,18 +195,17 @@ module Functional =
                 // collective: a local refusal must reach the other ranks, or they would wait for ever
                 let localError =
                     try
-                        validate o spec p running batchFromInput x
+                        validate o spec p running batchFromInput x |> ignore
                         None
                     with e ->
                         Some e
 
                 Collective.agree o.Layer comm localError x (localError.IsNone && rowOk ())
             | _ ->
-                validate o spec p running batchFromInput x
-                let c = channelsOf p running x
+                let values = validate o spec p running batchFromInput x
 
                 {
-                    Total = float (x.numel () / max 1L c)
+                    Total = float values
                     RowPath = rowOk ()
                 }
 

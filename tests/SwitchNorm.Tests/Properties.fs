@@ -14,42 +14,8 @@ open SwitchNorm.FSharp
 
 let private f64 = torch.ScalarType.Float64
 
-/// A 2d input shape (N, C, H, W) with every size in 1..4 and N × H × W > 1 (trainable with BN).
-type Shape4 =
-    | Shape4 of int64[]
+open Generators
 
-    override this.ToString() =
-        let (Shape4 s) = this
-        Checks.shapeText s
-
-/// A logit vector of length 3: random, extreme (±30), all equal, or exactly one-hot.
-type Logits3 = Logits3 of float[]
-
-type Arbs =
-    static member Shape4() : Arbitrary<Shape4> =
-        gen {
-            let! n = Gen.choose (1, 4)
-            let! c = Gen.choose (1, 4)
-            let! h = Gen.choose (1, 4)
-            let! w = Gen.choose (1, 4)
-            return [| int64 n; int64 c; int64 h; int64 w |]
-        }
-        |> Gen.filter (fun s -> s[0] * s[2] * s[3] > 1L)
-        |> Gen.map Shape4
-        |> Arb.fromGen
-
-    static member Logits3() : Arbitrary<Logits3> =
-        let normal =
-            Gen.arrayOfLength 3 (Gen.choose (-4000, 4000) |> Gen.map (fun i -> float i / 1000.0))
-
-        let extreme = Gen.arrayOfLength 3 (Gen.elements [ -30.0; 30.0; 0.0 ])
-        let equal = Gen.elements [ -5.0; 0.0; 1.0; 30.0 ] |> Gen.map (Array.create 3)
-
-        let oneHot =
-            Gen.choose (0, 2)
-            |> Gen.map (fun k -> Array.init 3 (fun i -> if i = k then 0.0 else -1e4))
-
-        Gen.oneof [ normal; extreme; equal; oneHot ] |> Gen.map Logits3 |> Arb.fromGen
 
 let private input (Shape4 s) (seed: int) =
     TestUtil.randnSeeded (int64 seed) s f64 * 3.0 + 1.0

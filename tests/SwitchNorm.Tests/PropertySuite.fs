@@ -11,100 +11,11 @@ open TorchSharp
 open SwitchNorm
 open SwitchNorm.FSharp
 open TestUtil
+open Generators
 
 let f64 = torch.ScalarType.Float64
 let f32 = torch.ScalarType.Float32
 
-/// How the input values are drawn.
-type InputKind =
-    /// Standard normal.
-    | Normal
-    /// A common offset plus standard normal noise (1e3 ± 1, 1e4 ± 1).
-    | Offset of float
-    /// Standard normal times 1e-3 (variance 1e-6, not far from eps).
-    | Tiny
-    /// Normal, except one channel is constant (zero variance).
-    | ConstantChannel
-
-/// One generated case: shape, input, logits and module options.
-type Case = {
-    Shape: int64[]
-    Input: InputKind
-    Seed: int
-    MeanLogits: float[]
-    VarLogits: float[]
-    Affine: bool
-    Track: bool
-    Momentum: float option
-    UsingBn: bool
-    LastGamma: bool
-} with
-
-    member c.N = c.Shape[0]
-    member c.C = c.Shape[1]
-    member c.Spatial = c.Shape |> Array.skip 2 |> Array.fold (*) 1L
-
-    override c.ToString() =
-        $"shape {Checks.shapeText c.Shape}, input {c.Input}, seed {c.Seed}, mean logits %A{c.MeanLogits}, var logits %A{c.VarLogits}, affine {c.Affine}, track {c.Track}, momentum {c.Momentum}, using_bn {c.UsingBn}, last_gamma {c.LastGamma}"
-
-/// A logit vector of length k: random, extreme (±30), all equal, or exactly one-hot.
-let logitsGen (k: int) =
-    let normal =
-        Gen.arrayOfLength k (Gen.choose (-4000, 4000) |> Gen.map (fun i -> float i / 1000.0))
-
-    let extreme = Gen.arrayOfLength k (Gen.elements [ -30.0; 30.0; 0.0 ])
-    let equal = Gen.elements [ -5.0; 0.0; 1.0; 30.0 ] |> Gen.map (Array.create k)
-
-    let oneHot =
-        Gen.choose (0, k - 1)
-        |> Gen.map (fun h -> Array.init k (fun i -> if i = h then 0.0 else -1e4))
-
-    Gen.frequency [ 4, normal; 1, extreme; 1, equal; 2, oneHot ]
-
-let caseGen =
-    gen {
-        let! rank = Gen.choose (2, 5)
-        let! n = Gen.frequency [ 2, Gen.constant 1; 5, Gen.choose (2, 4) ]
-        let! c = Gen.frequency [ 1, Gen.constant 1; 4, Gen.choose (2, 4) ]
-        let! spatial = Gen.arrayOfLength (rank - 2) (Gen.choose (1, 3))
-
-        let! input =
-            Gen.frequency [
-                5, Gen.constant Normal
-                1, Gen.elements [ Offset 1e3; Offset 1e4 ]
-                1, Gen.constant Tiny
-                1, Gen.constant ConstantChannel
-            ]
-
-        let! seed = Gen.choose (0, 1_000_000)
-        let! usingBn = Gen.frequency [ 4, Gen.constant true; 1, Gen.constant false ]
-        let k = if usingBn then 3 else 2
-        let! lm = logitsGen k
-        let! lv = logitsGen k
-        let! affine = Gen.frequency [ 4, Gen.constant true; 1, Gen.constant false ]
-        let! track = Gen.frequency [ 4, Gen.constant true; 1, Gen.constant false ]
-        let! momentum = Gen.elements [ Some 0.1; Some 0.3; None ]
-        let! lastGamma = Gen.frequency [ 6, Gen.constant false; 1, Gen.constant true ]
-
-        return {
-            Shape = Array.append [| int64 n; int64 c |] (Array.map int64 spatial)
-            Input = input
-            Seed = seed
-            MeanLogits = lm
-            VarLogits = lv
-            Affine = affine
-            Track = track
-            Momentum = momentum
-            UsingBn = usingBn
-            LastGamma = lastGamma
-        }
-    }
-    // BN on batch statistics needs more than one value per channel
-    |> Gen.filter (fun c -> not c.UsingBn || c.N * c.Spatial > 1L)
-
-/// Arbitraries of the suite, as named types.
-type SuiteArbs =
-    static member Case() : Arbitrary<Case> = Arb.fromGen caseGen
 
 /// The input of a case at a given step, in float64 (cast it for other dtypes).
 let input (c: Case) (step: int) =
@@ -787,25 +698,6 @@ let doubleBackward (dtype: torch.ScalarType) (c: Case) (training: bool) =
 
             assertClose $"second-order grad {na}" (sumTol dtype total * max 1.0 largest * rMax * rMax) a b
 
-/// K logits (2 to 5) drawn like the suite's (random, extreme, equal, one-hot), and a sparsestmax radius in [0, 1].
-type SparseCase = { Logits: float[]; Radius: float }
-
-type SparseArbs =
-    static member SparseCase() : Arbitrary<SparseCase> =
-        gen {
-            let! k = Gen.choose (2, 5)
-            let! logits = logitsGen k
-
-            let! radius =
-                Gen.frequency [
-                    1, Gen.constant 0.0
-                    1, Gen.constant 1.0
-                    4, Gen.choose (0, 1000) |> Gen.map (fun i -> float i / 1000.0)
-                ]
-
-            return { Logits = logits; Radius = radius }
-        }
-        |> Arb.fromGen
 
 /// sparsemax over plain arrays, from its definition: τ from the largest support m with 1 + m·z(m) > Σ_{j ≤ m} z(j).
 let sparsemaxReference (z: float[]) =

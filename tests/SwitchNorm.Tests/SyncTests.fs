@@ -13,51 +13,8 @@ open TestUtil
 
 let private f64 = torch.ScalarType.Float64
 
-/// A batch (N, C, H, W) split into 1–4 shards of any sizes (0 and 1 included, uneven), with parameters and options.
-type SyncCase = {
-    Shape: int64[]
-    Shards: int[]
-    MeanLogits: float[]
-    VarLogits: float[]
-    Momentum: float option
-    Affine: bool
-    Seed: int
-} with
+open Generators
 
-    override this.ToString() =
-        $"shape {Checks.shapeText this.Shape}, shards %A{this.Shards}, logits %A{this.MeanLogits}/%A{this.VarLogits}, momentum %A{this.Momentum}, affine {this.Affine}, seed {this.Seed}"
-
-type SyncArbs =
-    static member SyncCase() : Arbitrary<SyncCase> =
-        gen {
-            let! n = Gen.choose (1, 8)
-            let! c = Gen.choose (1, 4)
-            let! h = Gen.choose (1, 3)
-            let! w = Gen.choose (1, 3)
-            let! ranks = Gen.choose (1, 4)
-            // ranks − 1 cut points in 0..n, sorted: shard sizes may be 0, 1, uneven
-            let! cuts = Gen.arrayOfLength (ranks - 1) (Gen.choose (0, n))
-            let bounds = Array.concat [ [| 0 |]; Array.sort cuts; [| n |] ]
-            let shards = Array.init ranks (fun r -> bounds[r + 1] - bounds[r])
-            let logit = Gen.choose (-3000, 3000) |> Gen.map (fun i -> float i / 1000.0)
-            let! ml = Gen.arrayOfLength 3 logit
-            let! vl = Gen.arrayOfLength 3 logit
-            let! momentum = Gen.elements [ Some 0.1; Some 0.7; None ]
-            let! affine = Gen.elements [ true; false ]
-            let! seed = Gen.choose (0, 100000)
-
-            return {
-                Shape = [| int64 n; int64 c; int64 h; int64 w |]
-                Shards = shards
-                MeanLogits = ml
-                VarLogits = vl
-                Momentum = momentum
-                Affine = affine
-                Seed = seed
-            }
-        }
-        |> Gen.filter (fun c -> c.Shape[0] * c.Shape[2] * c.Shape[3] > 1L)
-        |> Arb.fromGen
 
 let private setUp (m: SwitchNormNd) (c: SyncCase) =
     use _ = torch.no_grad ()

@@ -8,33 +8,28 @@ F = "src/SwitchNorm.FSharp/"
 K = "src/SwitchNorm.Kernels/RowKernels.cs"
 
 MUTANTS = {
-    # Unbiased M2/(n−1) where normalization needs the biased M2/n: every statistic of the tensor paths, and the
-    # per-row and pooled variances of the float32 row kernels.
+    # Unbiased M2/(n−1) where normalization needs the biased M2/n: every statistic of the tensor path, and the
+    # per-row, pooled and synchronized variances of the float32 row path.
     "unbiased-variance": [
         (F + "Moments.fs", "let variance (m: Moments) = m.M2 / m.Count", "let variance (m: Moments) = m.M2 / (m.Count - 1.0)"),
-        (F + "Kernel.fs", "VarScale = 1.0 / float st.S", "VarScale = 1.0 / float (st.S - 1)"),
+        (F + "RowPath.fs", "VarScale = 1.0 / float st.S", "VarScale = 1.0 / float (st.S - 1)"),
         (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
         (K, "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) * invCount;", "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) / (count - 1);"),
-        (F + "Kernel.fs", "1.0 / float s,\n", "1.0 / float (s - 1),\n"),
-        (F + "Sync.fs", "let varG = m2 |> Array.map (fun v -> v / total)", "let varG = m2 |> Array.map (fun v -> v / (total - 1.0))"),
-        (F + "Sync.fs", "let varG = ((m2 / total).to_type cd)", "let varG = ((m2 / (total - 1.0)).to_type cd)"),
+        (F + "RowPath.fs", "1.0 / float s,\n", "1.0 / float (s - 1),\n"),
+        (F + "RowPath.fs", "total, meanG, m2 |> Array.map (fun v -> v / total)", "total, meanG, m2 |> Array.map (fun v -> v / (total - 1.0))"),
     ],
-    # running = f·running + (1 − f)·batch instead of (1 − f)·running + f·batch.
+    # running = f·running + (1 − f)·batch instead of (1 − f)·running + f·batch (one update for both paths).
     "momentum-reversed": [
-        (F + "Functional.fs", "let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (KernelNorm.read old) b", "let v = Array.map2 (fun o b -> f * o + (1.0 - f) * b) (KernelNorm.read old) b"),
-        (F + "Functional.fs", "let m' = r.Mean * (1.0 - f) + bMean * f", "let m' = r.Mean * f + bMean * (1.0 - f)"),
-        (F + "Functional.fs", "let v' = r.Var * (1.0 - f) + bVar * f", "let v' = r.Var * f + bVar * (1.0 - f)"),
+        (F + "Statistics.fs", "let v = Array.map2 (fun o b -> (1.0 - f) * o + f * b) (TensorData.read old) b", "let v = Array.map2 (fun o b -> f * o + (1.0 - f) * b) (TensorData.read old) b"),
     ],
     # One softmax (of the mean logits) shared by the mean and the variance mixtures.
     "shared-softmax": [
-        (F + "Kernel.fs", "let wMean, wVar = weights wm, weights wv", "let wMean, wVar = weights wm, weights wm"),
-        (F + "Functional.fs", "(weights wMean) (weights wVar)", "(weights wMean) (weights wMean)"),
-        (F + "Functional.fs", "switched p.MeanLogits torch.ScalarType.Float64, switched p.VarLogits torch.ScalarType.Float64",
-         "switched p.MeanLogits torch.ScalarType.Float64, switched p.MeanLogits torch.ScalarType.Float64"),
-        (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched p.MeanLogits cd"),
-        (F + "Sync.fs", "                p.MeanLogits, p.VarLogits\n", "                p.MeanLogits, p.MeanLogits\n"),
-        (F + "Sync.fs", "switched p.MeanLogits, switched p.VarLogits", "switched p.MeanLogits, switched p.MeanLogits"),
-        (F + "Functional.fs", "Mixing.mix (switchWeights layer spec p.VarLogits cd)", "Mixing.mix (switchWeights layer spec p.MeanLogits cd)"),
+        (F + "RowPath.fs", "let wMean, wVar = weights wm, weights wv", "let wMean, wVar = weights wm, weights wm"),
+        (F + "RowPath.fs", "(weights w.Var)", "(weights w.Mean)"),
+        (F + "RowPath.fs", "(weights wv)", "(weights wm)"),
+        (F + "Functional.fs", "Var = p.VarLogits\n", "Var = p.MeanLogits\n"),
+        (F + "Functional.fs", "Var = switchWeights o.Layer spec p.VarLogits torch.ScalarType.Float64", "Var = switchWeights o.Layer spec p.MeanLogits torch.ScalarType.Float64"),
+        (F + "Functional.fs", "let wVar = switchWeights o.Layer spec p.VarLogits cd", "let wVar = switchWeights o.Layer spec p.MeanLogits cd"),
     ],
     # 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps).
     "eps-outside-sqrt": [
@@ -42,33 +37,44 @@ MUTANTS = {
         (K, "vv[j] = Vector<double>.One / Vector.SquareRoot(vv[j] + ve);", "vv[j] = Vector<double>.One / (Vector.SquareRoot(vv[j]) + ve);"),
         (K, "(Vector<double>.One / Vector.SquareRoot(v + ve)).CopyTo(r, b);", "(Vector<double>.One / (Vector.SquareRoot(v) + ve)).CopyTo(r, b);"),
         (K, "r[b] = 1.0 / Math.Sqrt(v + eps);", "r[b] = 1.0 / (Math.Sqrt(v) + eps);"),
-        (F + "Functional.fs", "let invStd = ((var + spec.Eps).rsqrt ())", "let invStd = ((var.sqrt () + spec.Eps).reciprocal ())"),
-        (F + "Fused.fs", "use varEps = var + st.Eps", "use varEps = (var.sqrt () + st.Eps).square ()"),
+        (F + "TensorPath.fs", "let r = (var + eps).rsqrt().expand (n, c)", "let r = (var.sqrt () + eps).reciprocal().expand (n, c)"),
     ],
     # M2 = Σx² − n·mean² (accumulated in the input's precision) instead of the centred two-pass sum.
     "naive-variance": [
         (K, "var centres = Avx.ConvertToVector128Single(sums * vinv);", "var centres = Vector128<float>.Zero;"),
         (K, "Centred(p, s, a, out double s1, out double s2);",
          "double s1 = 0; float sq = 0; for (int j = 0; j < s; j++) sq += p[j] * p[j]; double s2 = sq - (double)s * a * a;"),
-        (F + "Fused.fs", "mean.squeeze 2L, centred, norm.square ()",
-         "mean.squeeze 2L, centred, x3.square().sum ([| 2L |]) - mean.squeeze(2L).square () * float x3.shape[2]"),
         (F + "Moments.fs", "use centred = x3 - mean\n        use sq = centred.square ()", "use centred = x3 - mean\n        use sq = x3.square () - mean.square ()"),
     ],
     # Eval uses and updates the batch statistics like training.
     "running-updated-in-eval": [
-        (F + "Functional.fs", "let bnFromBatch = spec.UsesBatch && (training || running.IsNone)", "let bnFromBatch = spec.UsesBatch"),
-        (F + "Functional.fs", "| Some r, Some(count, mean, var) when training ->", "| Some r, Some(count, mean, var) ->"),
-        (F + "Functional.fs", "| None, Some r, Some b when training ->", "| None, Some r, Some b ->"),
-        (F + "Modules.fs", "spec.UsesBatch && (this.training || recalibrating || not trackRunningStats)", "spec.UsesBatch"),
-        (F + "Sync.fs", "| Some r when training ->", "| Some r ->"),
+        (F + "Functional.fs", "let batchFromInput = spec.UsesBatch && (training || running.IsNone)", "let batchFromInput = spec.UsesBatch"),
+        (F + "Functional.fs", "| Some r, Some b when training ->", "| Some r, Some b ->"),
     ],
     # No gradient reaches var_weight (the variance logits).
     "var-logits-detached": [
-        (F + "Kernel.fs", "weightGrad sv.WVar dwv", "torch.zeros_like (weightGrad sv.WVar dwv)"),
-        (F + "Fused.fs", "let dwv = torch.stack [ for v in vars -> (dVar * v).sum () ]", "let dwv = torch.zeros_like (torch.stack [ for v in vars -> (dVar * v).sum () ])"),
-        (F + "Functional.fs", "let wVar = switched p.VarLogits cd", "let wVar = switched (p.VarLogits.detach ()) cd"),
-        (F + "Sync.fs", "                p.MeanLogits, p.VarLogits\n", "                p.MeanLogits, p.VarLogits.detach ()\n"),
-        (F + "Functional.fs", "Mixing.mix (switchWeights layer spec p.VarLogits cd)", "Mixing.mix (switchWeights layer spec (p.VarLogits.detach ()) cd)"),
+        (F + "RowPath.fs", "weightGrad sv.WVar dwv", "torch.zeros_like (weightGrad sv.WVar dwv)"),
+        (F + "Functional.fs", "Var = p.VarLogits\n", "Var = p.VarLogits.detach ()\n"),
+        (F + "Functional.fs", "Var = switchWeights o.Layer spec p.VarLogits torch.ScalarType.Float64", "Var = switchWeights o.Layer spec (p.VarLogits.detach ()) torch.ScalarType.Float64"),
+        (F + "Functional.fs", "let wVar = switchWeights o.Layer spec p.VarLogits cd", "let wVar = switchWeights o.Layer spec (p.VarLogits.detach ()) cd"),
+    ],
+    # Float32 statistics that overflow are not redone in float64 (the row kernels' fallback, the tensor path's float64).
+    "float32-overflow": [
+        (K, "if (!double.IsFinite(s2))\n            {\n                StatsRow64", "if (false)\n            {\n                StatsRow64"),
+        (K, "if (Vector256.ExtractMostSignificantBits(finite) != 0xFu)", "if (false)"),
+        (F + "TensorPath.fs", "if x3.dtype = torch.ScalarType.Float32 then\n                torch.ScalarType.Float64", "if false then\n                torch.ScalarType.Float64"),
+    ],
+    # A second backward through the same graph without retain_graph runs again (and doubles the gradients).
+    "second-backward-accepted": [
+        (F + "Autograd.fs", "if not (KeepGraph.Now()) then", "if false then"),
+    ],
+    # Loading accepts a tensor of another shape (which copy_ broadcasts).
+    "loading-broadcasts": [
+        (F + "Modules.fs", "if t.shape <> shape then", "if false then"),
+    ],
+    # Conversion leaves a ModuleList's own items alone (the registry shows SwitchNorm, the forward runs BatchNorm).
+    "conversion-skips-lists": [
+        (F + "Tools.fs", "item.SetValue(parent, sn, [| box i |])", "()"),
     ],
 }
 
