@@ -100,7 +100,7 @@ let overheadLoop (mode: string) (shape: int64[]) (iterations: int) (threads: int
             "%s %s %s: %.1f us per call (%d calls, %d thread(s), %d gen0 GCs, GC pauses %.1f us per call)"
             name
             mode
-            (Checks.shapeText shape)
+            ("[" + String.Join(", ", shape) + "]")
             (sw.Elapsed.TotalMilliseconds * 1000.0 / float iterations)
             iterations
             threads

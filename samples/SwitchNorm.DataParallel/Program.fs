@@ -306,7 +306,7 @@ let bench (comm: ICommunicator) =
         printfn
             "bench: %d rank(s), each with a shard of %s float32, 1 libtorch thread per rank; train step (forward + backward), median of 60, interleaved"
             comm.Size
-            (Checks.shapeText shape)
+            ("[" + String.Join(", ", shape) + "]")
 
         printfn "  SwitchNorm2d fused (unsynchronized)     %8.2f ms" tf
         printfn "  SwitchNorm2d composed (unsynchronized)  %8.2f ms" tc

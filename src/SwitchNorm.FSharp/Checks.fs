@@ -3,10 +3,17 @@ namespace SwitchNorm
 open System
 open TorchSharp
 
+/// The C# facade and the test projects see the internal checks (the facade validates its factories' arguments with
+/// the same rules and messages as the modules).
+module internal AssemblyInfo =
+    [<assembly: System.Runtime.CompilerServices.InternalsVisibleTo("SwitchNorm.CSharp")>]
+    [<assembly: System.Runtime.CompilerServices.InternalsVisibleTo("SwitchNorm.Tests")>]
+    do ()
+
 /// Argument and input checks shared by the core and the modules. Every message names what was expected
 /// and what arrived.
 [<RequireQualifiedAccess>]
-module Checks =
+module internal Checks =
 
     /// Formats a tensor shape as "[2, 3, 4]".
     let shapeText (shape: int64[]) = "[" + String.Join(", ", shape) + "]"
