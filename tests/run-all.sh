@@ -7,7 +7,8 @@
 #      or a corrupt data file ends with a message and exit code 2;
 #   5. run SyncSwitchNorm2d under mpirun with 2 and 4 ranks and the data-parallel example, installing OpenMPI first
 #      when it is missing;
-#   6. check the F# formatting with Fantomas.
+#   6. pack the libraries and use them from an empty NuGet folder: a C# console project and an F# script;
+#   7. check the F# formatting with Fantomas.
 # Exits non-zero when anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,11 +53,11 @@ for script in fsi-scripts/*.fsx; do
     check "fsi $script" dotnet fsi "$script"
 done
 
-# The README's F# example, run as a script (the C# one is compiled and run by the C# test project).
+# The README's F# example (the block under "## F#"), run as a script (the C# one is compiled and run by the C# test project).
 readme_fsharp() {
     local d
     d="$(mktemp -d)"
-    { echo "#load \"$PWD/fsi-scripts/references.fsx\""; awk '/^```fsharp$/ {on = 1; next} /^```$/ {on = 0} on' README.md; } >"$d/readme.fsx"
+    { echo "#load \"$PWD/fsi-scripts/references.fsx\""; awk '/^## F#$/ {sec = 1} sec && /^```fsharp$/ {on = 1; sec = 0; next} /^```$/ {on = 0} on' README.md; } >"$d/readme.fsx"
     (cd "$d" && dotnet fsi readme.fsx)
 }
 check "README.md's F# example runs" readme_fsharp
@@ -122,6 +123,10 @@ else
     echo "!!!!!!!! ranks that disagree)."
     skipped=4
 fi
+
+# Consumers: the packages from `dotnet pack` at the root, used from an empty NuGet folder by a C# console project and
+# an F# script that import no file of the repository.
+check "consumers from the packed feed: a C# console project (resnet18 converted, trained, saved, loaded), a dotnet fsi script with #r \"nuget: SwitchNorm.FSharp\", and an application without a backend (a clear message)" bash tests/consumers/run.sh
 
 check "fantomas --check" dotnet fantomas --check src tests samples fsi-scripts bench
 

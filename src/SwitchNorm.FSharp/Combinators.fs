@@ -108,6 +108,7 @@ module Norm =
 
     /// Fresh parameters for C channels: weight 1, bias 0, logits at ones (as in the paper).
     let initParams (spec: NormSpec) (numFeatures: int64) : NormParams =
+        Backend.Load()
         let k = int64 (List.length spec.Components)
 
         {
@@ -118,11 +119,14 @@ module Norm =
         }
 
     /// Fresh running statistics for C channels: mean 0, variance 1, no batch tracked.
-    let initRunning (numFeatures: int64) : RunningStats = {
-        Mean = torch.zeros numFeatures
-        Var = torch.ones numFeatures
-        BatchesTracked = 0L
-    }
+    let initRunning (numFeatures: int64) : RunningStats =
+        Backend.Load()
+
+        {
+            Mean = torch.zeros numFeatures
+            Var = torch.ones numFeatures
+            BatchesTracked = 0L
+        }
 
     /// A module for C channels from a spec: affine, tracking running statistics, default dtype, CPU.
     let layer (spec: NormSpec) (numFeatures: int64) : torch.nn.Module<torch.Tensor, torch.Tensor> =

@@ -162,7 +162,12 @@ type SwitchNormNd
         dtype: Nullable<torch.ScalarType>,
         communicator: ICommunicator option
     ) as this =
-    inherit torch.nn.Module<torch.Tensor, torch.Tensor>(layerName)
+    // the native backend is loaded (or a clear error raised) before the base constructor's first native call
+    inherit
+        torch.nn.Module<torch.Tensor, torch.Tensor>(
+            (Backend.Load()
+             layerName)
+        )
 
     let mutable spec =
         match communicator with
