@@ -221,8 +221,15 @@ module Functional =
 
             use scope = torch.NewDisposeScope()
             // the spatial size spelled out: -1 is ambiguous for an empty shard
-            let spatial = x.shape |> Array.skip 2 |> Array.fold (*) 1L
-            let x3 = x.reshape (x.size 0, x.size 1, spatial)
+            let n, c = x.size 0, x.size 1
+
+            let spatial =
+                if n * c > 0L then
+                    x.numel () / (n * c)
+                else
+                    x.shape |> Array.skip 2 |> Array.fold (*) 1L
+
+            let x3 = x.reshape (n, c, spatial)
             let x3 = if x3.dtype = cd then x3 else x3.to_type cd
             let kinds = Statistics.kinds spec.Components batchFromInput
             let runningPair = running |> Option.map (fun r -> r.Mean, r.Var)
