@@ -48,7 +48,7 @@ for proj in tests/SwitchNorm.Tests/SwitchNorm.Tests.fsproj tests/SwitchNorm.CSha
     fi
 done
 
-for script in fsi-scripts/*.fsx; do
+for script in fsi-scripts/*.fsx docs/*.fsx; do
     [ "$(basename "$script")" = "references.fsx" ] && continue
     check "fsi $script" dotnet fsi "$script"
 done
