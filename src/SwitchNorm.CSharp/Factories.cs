@@ -226,6 +226,17 @@ namespace SwitchNorm.CSharp
             global::SwitchNorm.FSharp.Conversion.BatchNormToSwitchNorm(init, bn_logit_margin, model);
 
         /// <summary>
+        /// Folding for deployment: puts <paramref name="model"/> in eval mode and replaces every SwitchNorm whose mean and
+        /// variance mixtures are both one-hot on the same statistic by the plain layer that computes the same eval output
+        /// (BN → BatchNorm with the running statistics, IN → InstanceNorm with the per-channel affine, LN →
+        /// GroupNorm(1, C)). Mixed selections stay SwitchNorm; SSN's frozen selections are one-hot by construction.
+        /// </summary>
+        /// <param name="model">The module tree to fold, in place.</param>
+        /// <returns>The model (the plain layer when the model itself is a foldable SwitchNorm) and the folded layers' names.</returns>
+        public static global::SwitchNorm.ConversionResult FoldForInference(this torch.nn.Module model) =>
+            global::SwitchNorm.FSharp.Folding.ForInference(model);
+
+        /// <summary>
         /// Batch-average recalibration: runs <paramref name="model"/> over <paramref name="batches"/> under no_grad and sets
         /// each SwitchNorm's running_mean and running_var to the exact mean and unbiased variance of everything its BN
         /// component saw (merged per-batch moments). Parameters are untouched; the train/eval mode is restored.

@@ -89,7 +89,7 @@ module Mixture =
 [<RequireQualifiedAccess>]
 module Conversion =
 
-    let private allFields (t: Type) =
+    let internal allFields (t: Type) =
         let rec go (t: Type) = [
             if not (isNull t) && t <> typeof<obj> then
                 yield!
@@ -105,14 +105,14 @@ module Conversion =
 
         go t
 
-    let private submodulesField =
+    let internal submodulesField =
         typeof<torch.nn.Module>.GetField("_internal_submodules", BindingFlags.Instance ||| BindingFlags.NonPublic)
 
-    let private sequentialModulesField =
+    let internal sequentialModulesField =
         typeof<TorchSharp.Modules.Sequential>.GetField("_modules", BindingFlags.Instance ||| BindingFlags.NonPublic)
 
     /// The element type T of a ModuleList&lt;T&gt; or ModuleDict&lt;T&gt; (or a type derived from one), if the parent is one.
-    let private containerOf (parent: torch.nn.Module) =
+    let internal containerOf (parent: torch.nn.Module) =
         let rec find (t: Type) =
             if isNull t then
                 None
@@ -129,7 +129,7 @@ module Conversion =
 
     /// A module's children with their names: the registry's, and a ModuleList's or ModuleDict's own items (which
     /// TorchSharp registers only once the container is itself registered in a parent).
-    let private childrenOf (parent: torch.nn.Module) : (string * torch.nn.Module) list =
+    let internal childrenOf (parent: torch.nn.Module) : (string * torch.nn.Module) list =
         let registered = [ for struct (name, child) in parent.named_children () -> name, child ]
 
         let own =
@@ -198,17 +198,63 @@ module Conversion =
 
         sn
 
-    /// One place that refers to a BatchNorm: its parent and name there.
-    type private Site = {
+    /// One place that refers to a module to replace: its parent and name there.
+    type internal Site = {
         Parent: torch.nn.Module
         Name: string
         Path: string
-        Bn: TorchSharp.Modules.BatchNorm
+        Old: torch.nn.Module
         Fields: FieldInfo list
     }
 
-    let private refuse (text: string) =
-        raise (InvalidOperationException($"Conversion.batchNorm: {text}; nothing was changed."))
+    let internal refuseAs (tool: string) (text: string) =
+        raise (InvalidOperationException($"{tool}: {text}; nothing was changed."))
+
+    let private refuse = refuseAs "Conversion.batchNorm"
+
+    /// <summary>
+    /// Every place in the tree that refers to a module that <paramref name="target"/> picks, with its replacement's type
+    /// checked against the parent's fields and container: one that cannot hold it is refused (as <paramref name="tool"/>)
+    /// before anything changes.
+    /// </summary>
+    let internal sites (tool: string) (target: torch.nn.Module -> Type option) (model: torch.nn.Module) =
+        let found = List<Site>()
+
+        let rec visit (parent: torch.nn.Module) (path: string) (seen: HashSet<torch.nn.Module>) =
+            if seen.Add parent then
+                for (name, child) in childrenOf parent do
+                    let full = if path = "" then name else path + "." + name
+
+                    match target child with
+                    | Some newType ->
+                        let fields =
+                            allFields (parent.GetType())
+                            |> List.filter (fun f -> obj.ReferenceEquals(f.GetValue parent, child))
+
+                        for f in fields do
+                            if not (f.FieldType.IsAssignableFrom newType) then
+                                refuseAs
+                                    tool
+                                    $"cannot replace '{full}': field '{f.Name}' of {parent.GetType().Name} is declared as {f.FieldType.Name}; declare it as Module<Tensor, Tensor> (or a base type) to allow the swap"
+
+                        match containerOf parent with
+                        | Some(_, element) when not (element.IsAssignableFrom newType) ->
+                            refuseAs
+                                tool
+                                $"cannot replace '{full}': its container {parent.GetType().Name} holds only {element.Name}; make it a ModuleList/ModuleDict of Module<Tensor, Tensor>"
+                        | _ -> ()
+
+                        found.Add {
+                            Parent = parent
+                            Name = name
+                            Path = full
+                            Old = child
+                            Fields = fields
+                        }
+                    | None -> visit child full seen
+
+        visit model "" (HashSet<torch.nn.Module>(HashIdentity.Reference))
+        found
 
     /// Refuses a margin whose BN logit 1 + margin is not finite in the layer's dtype (1e39 in float32).
     let private checkMargin (init: LogitInit) (margin: float) (bn: TorchSharp.Modules.BatchNorm) (path: string) =
@@ -220,53 +266,26 @@ module Conversion =
                 refuse $"the BN logit 1 + margin = {1.0 + margin} is not finite in {dt} (layer '{path}'); use a smaller margin"
 
     /// Every place in the tree that refers to a BatchNorm, checked: a field or container that cannot hold a SwitchNorm,
-    /// a dtype in which the margin's logits are not finite, and a BatchNorm with options a SwitchNorm cannot take are
-    /// refused before anything changes.
+    /// and a dtype in which the margin's logits are not finite, are refused before anything changes.
     let private plan (init: LogitInit) (margin: float) (model: torch.nn.Module) =
-        let sites = List<Site>()
+        let found =
+            sites
+                "Conversion.batchNorm"
+                (fun m ->
+                    match m with
+                    | :? TorchSharp.Modules.BatchNorm -> Some typeof<SwitchNorm2d>
+                    | _ -> None)
+                model
 
-        let rec visit (parent: torch.nn.Module) (path: string) (seen: HashSet<torch.nn.Module>) =
-            if seen.Add parent then
-                for (name, child) in childrenOf parent do
-                    let full = if path = "" then name else path + "." + name
+        for s in found do
+            checkMargin init margin (s.Old :?> TorchSharp.Modules.BatchNorm) s.Path
 
-                    match child with
-                    | :? TorchSharp.Modules.BatchNorm as bn ->
-                        let fields =
-                            allFields (parent.GetType())
-                            |> List.filter (fun f -> obj.ReferenceEquals(f.GetValue parent, child))
+        found
 
-                        for f in fields do
-                            if not (f.FieldType.IsAssignableFrom typeof<SwitchNorm2d>) then
-                                refuse
-                                    $"cannot replace '{full}': field '{f.Name}' of {parent.GetType().Name} is declared as {f.FieldType.Name}; declare it as Module<Tensor, Tensor> (or a base type) to allow the swap"
-
-                        match containerOf parent with
-                        | Some(_, element) when not (element.IsAssignableFrom typeof<SwitchNorm2d>) ->
-                            refuse
-                                $"cannot replace '{full}': its container {parent.GetType().Name} holds only {element.Name}; make it a ModuleList/ModuleDict of Module<Tensor, Tensor>"
-                        | _ -> ()
-
-                        sites.Add {
-                            Parent = parent
-                            Name = name
-                            Path = full
-                            Bn = bn
-                            Fields = fields
-                        }
-                    | _ -> visit child full seen
-
-        visit model "" (HashSet<torch.nn.Module>(HashIdentity.Reference))
-
-        for s in sites do
-            checkMargin init margin s.Bn s.Path
-
-        sites
-
-    /// Puts sn where the site's BatchNorm was: the module registry, a Sequential's list, a ModuleList or ModuleDict,
+    /// Puts sn where the site's module was: the module registry, a Sequential's list, a ModuleList or ModuleDict,
     /// and the parent's fields.
-    let private replace (site: Site) (sn: SwitchNormNd) =
-        let parent, bn = site.Parent, site.Bn
+    let internal replace (site: Site) (sn: torch.nn.Module) =
+        let parent, bn = site.Parent, site.Old
 
         match parent with
         | :? TorchSharp.Modules.Sequential as s ->
@@ -275,7 +294,7 @@ module Conversion =
 
             for i in 0 .. items.Count - 1 do
                 if obj.ReferenceEquals(items[i], bn) then
-                    items[i] <- sn
+                    items[i] <- (box sn :?> torch.nn.IModule<torch.Tensor, torch.Tensor>)
         | _ -> ()
 
         match containerOf parent with
@@ -336,16 +355,15 @@ module Conversion =
         | _ ->
             let sites = plan init margin model
 
-            let made =
-                Dictionary<TorchSharp.Modules.BatchNorm, SwitchNormNd>(HashIdentity.Reference)
+            let made = Dictionary<torch.nn.Module, SwitchNormNd>(HashIdentity.Reference)
 
             for site in sites do
                 let sn =
-                    match made.TryGetValue site.Bn with
+                    match made.TryGetValue site.Old with
                     | true, sn -> sn
                     | _ ->
-                        let sn = fromBatchNorm init margin site.Bn
-                        made[site.Bn] <- sn
+                        let sn = fromBatchNorm init margin (site.Old :?> TorchSharp.Modules.BatchNorm)
+                        made[site.Old] <- sn
                         sn
 
                 replace site sn
@@ -456,6 +474,133 @@ module SparseSwitch =
                 s.Freeze() |> ignore
 
         layers |> List.filter (fun s -> s.IsFrozen) |> List.length
+
+/// <summary>
+/// Folding for deployment: in eval, a SwitchNorm whose mean and variance mixtures are both one-hot on the same
+/// statistic computes exactly a plain TorchSharp layer, so it can be replaced by it. SSN's frozen selections are
+/// one-hot by construction.
+/// </summary>
+[<RequireQualifiedAccess>]
+module Folding =
+
+    /// The component both mixtures select, when both are one-hot on the same one.
+    let private selection (sn: SwitchNormNd) =
+        let wm, wv = sn.MeanMixture, sn.VarMixture
+
+        if Mixing.isOneHot wm && Mixing.isOneHot wv then
+            let i = wm |> Array.findIndex (fun w -> w > 0.5)
+            let j = wv |> Array.findIndex (fun w -> w > 0.5)
+            if i = j then Some sn.Components[i] else None
+        else
+            None
+
+    let private dims (sn: SwitchNormNd) =
+        match sn with
+        | :? SwitchNorm1d -> 1
+        | :? SwitchNorm3d -> 3
+        | _ -> 2
+
+    /// <summary>
+    /// The plain layer that computes what <paramref name="sn"/> computes in eval, when its selection is one-hot:
+    /// BN → BatchNorm1d/2d/3d with the running statistics (eval), IN → InstanceNorm1d/2d/3d with the per-channel affine
+    /// (2d and 3d; a 1d layer's (N, C) input has no instance statistics to take), LN → GroupNorm(1, C), which is LN over
+    /// (C, *spatial) with a per-channel affine. None when the selection is mixed or has no plain equivalent.
+    /// </summary>
+    let internal plainOf (sn: SwitchNormNd) : torch.nn.Module<torch.Tensor, torch.Tensor> option =
+        let c = sn.num_features
+        let dev = sn.mean_weight.device
+        let dt = sn.mean_weight.dtype
+        let affine = sn.affine
+
+        let copyAffine (w: torch.Tensor) (b: torch.Tensor) =
+            if affine then
+                use _ = torch.no_grad ()
+                w.copy_ (sn.weight) |> ignore
+                b.copy_ (sn.bias) |> ignore
+
+        match selection sn with
+        | Some "BN" when sn.track_running_stats ->
+            let bn: TorchSharp.Modules.BatchNorm =
+                match dims sn with
+                | 1 -> torch.nn.BatchNorm1d(c, sn.eps, affine = affine, device = dev, dtype = dt)
+                | 3 -> torch.nn.BatchNorm3d(c, sn.eps, affine = affine, device = dev, dtype = dt)
+                | _ -> torch.nn.BatchNorm2d(c, sn.eps, affine = affine, device = dev, dtype = dt)
+
+            copyAffine bn.weight bn.bias
+
+            (use _ = torch.no_grad ()
+             bn.running_mean.copy_ (sn.running_mean) |> ignore
+             bn.running_var.copy_ (sn.running_var) |> ignore
+             bn.num_batches_tracked.copy_ (sn.num_batches_tracked) |> ignore)
+
+            bn.eval () |> ignore
+            Some(bn :> torch.nn.Module<torch.Tensor, torch.Tensor>)
+        | Some "IN" when dims sn > 1 ->
+            let inorm: torch.nn.Module<torch.Tensor, torch.Tensor> =
+                if dims sn = 3 then
+                    torch.nn.InstanceNorm3d(c, sn.eps, affine = affine, device = dev, dtype = dt)
+                else
+                    torch.nn.InstanceNorm2d(c, sn.eps, affine = affine, device = dev, dtype = dt)
+
+            if affine then
+                copyAffine (inorm.get_parameter "weight") (inorm.get_parameter "bias")
+
+            inorm.eval () |> ignore
+            Some inorm
+        | Some "LN" ->
+            let gn =
+                torch.nn.GroupNorm(1L, c, sn.eps, affine = affine, device = dev, dtype = dt)
+
+            if affine then
+                copyAffine gn.weight gn.bias
+
+            gn.eval () |> ignore
+            Some(gn :> torch.nn.Module<torch.Tensor, torch.Tensor>)
+        | _ -> None
+
+    /// <summary>
+    /// Replaces, in place, every SwitchNorm of <paramref name="model"/> (in Sequentials, ModuleLists, ModuleDicts and
+    /// fields, at any depth) whose mean and variance mixtures are both one-hot on the same statistic by the plain layer
+    /// that computes the same eval output (see plainOf): BatchNorm, InstanceNorm or GroupNorm(1, C). Layers with mixed
+    /// selections stay SwitchNorm. The model is put in eval mode: the folded layers compute the eval function only.
+    /// A field or container that cannot hold the plain layer is refused before anything changes. Returns the model and
+    /// the names of the folded layers.
+    /// </summary>
+    [<CompiledName("ForInference")>]
+    let forInference (model: torch.nn.Module) : ConversionResult =
+        if isNull (box model) then
+            nullArg "model"
+
+        model.eval () |> ignore
+
+        let plain =
+            Dictionary<torch.nn.Module, torch.nn.Module<torch.Tensor, torch.Tensor>>(HashIdentity.Reference)
+
+        let target (m: torch.nn.Module) =
+            match m with
+            | :? SwitchNormNd as sn ->
+                match plain.TryGetValue m with
+                | true, p -> Some(p.GetType())
+                | _ ->
+                    match plainOf sn with
+                    | Some p ->
+                        plain[m] <- p
+                        Some(p.GetType())
+                    | None -> None
+            | _ -> None
+
+        match model with
+        | :? SwitchNormNd as sn ->
+            match plainOf sn with
+            | Some p -> ConversionResult(p, [| "" |], 1)
+            | None -> ConversionResult(model, [||], 0)
+        | _ ->
+            let found = Conversion.sites "Folding.forInference" target model
+
+            for site in found do
+                Conversion.replace site plain[site.Old]
+
+            ConversionResult(model, [| for s in found -> s.Path |], found |> Seq.map (fun s -> s.Old) |> Seq.distinct |> Seq.length)
 
 /// Loading checkpoints and state dicts with every check done before anything is written (all or nothing).
 [<RequireQualifiedAccess>]
