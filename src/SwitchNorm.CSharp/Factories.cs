@@ -237,6 +237,16 @@ namespace SwitchNorm.CSharp
             global::SwitchNorm.FSharp.Folding.ForInference(model);
 
         /// <summary>
+        /// Fuses, in place and for eval, every Conv1d/2d/3d that a Sequential runs right before a BatchNorm (or a
+        /// SwitchNorm that selects BN) into the convolution: w·s and (b − running_mean)·s + β with
+        /// s = γ / sqrt(running_var + eps); the norm becomes Identity. Puts the model in eval mode.
+        /// </summary>
+        /// <param name="model">The module tree, in place.</param>
+        /// <returns>The model and the names of the norms fused away.</returns>
+        public static global::SwitchNorm.ConversionResult FuseConvBatchNorm(this torch.nn.Module model) =>
+            global::SwitchNorm.FSharp.Folding.FuseConvBatchNorm(model);
+
+        /// <summary>
         /// Batch-average recalibration: runs <paramref name="model"/> over <paramref name="batches"/> under no_grad and sets
         /// each SwitchNorm's running_mean and running_var to the exact mean and unbiased variance of everything its BN
         /// component saw (merged per-batch moments). Parameters are untouched; the train/eval mode is restored.

@@ -602,6 +602,89 @@ module Folding =
 
             ConversionResult(model, [| for s in found -> s.Path |], found |> Seq.map (fun s -> s.Old) |> Seq.distinct |> Seq.length)
 
+    /// The running statistics, affine and eps of a BatchNorm in eval, or of a SwitchNorm that selects BN.
+    let private batchNormOf (m: torch.nn.Module) =
+        match m with
+        | :? TorchSharp.Modules.BatchNorm as bn when bn.track_running_stats && not (isNull bn.running_mean) ->
+            Some(bn.running_mean, bn.running_var, (bn.weight :> torch.Tensor), (bn.bias :> torch.Tensor), bn.eps)
+        | :? SwitchNormNd as sn when sn.track_running_stats && selection sn = Some "BN" ->
+            Some(sn.running_mean, sn.running_var, (sn.weight :> torch.Tensor), (sn.bias :> torch.Tensor), sn.eps)
+        | _ -> None
+
+    /// <summary>
+    /// Fuses, in place and for eval, every Conv1d/2d/3d that a Sequential runs right before a BatchNorm (or a SwitchNorm
+    /// that selects BN): with s = γ / sqrt(running_var + eps), the convolution's weight becomes w·s per output channel
+    /// and its bias (b − running_mean)·s + β, and the norm is replaced by Identity. TorchSharp has no fuse_conv_bn
+    /// (TorchSharp issue #1243). Sequentials are found anywhere in the tree (in lists, dicts and fields); a custom
+    /// module's own forward order is unknown, so a conv and a norm held in fields are left alone. The model is put in
+    /// eval mode. A convolution used in several places changes in all of them. Returns the model and the names of the
+    /// norms fused away.
+    /// </summary>
+    [<CompiledName("FuseConvBatchNorm")>]
+    let fuseConvBn (model: torch.nn.Module) : ConversionResult =
+        if isNull (box model) then
+            nullArg "model"
+
+        model.eval () |> ignore
+        let fused = List<string>()
+        let seen = HashSet<torch.nn.Module>(HashIdentity.Reference)
+
+        let rec visit (m: torch.nn.Module) (path: string) =
+            if seen.Add m then
+                match m with
+                | :? TorchSharp.Modules.Sequential as sq ->
+                    let children = Conversion.childrenOf sq |> Array.ofList
+
+                    for i in 0 .. children.Length - 2 do
+                        let _, conv = children[i]
+                        let name, norm = children[i + 1]
+
+                        match conv, batchNormOf norm with
+                        | (:? TorchSharp.Modules.Conv1d | :? TorchSharp.Modules.Conv2d | :? TorchSharp.Modules.Conv3d),
+                          Some(mean, var, gamma, beta, eps) ->
+                            let conv = conv :?> TorchSharp.Modules.Convolution
+                            use _ = torch.no_grad ()
+                            let f64 = torch.ScalarType.Float64
+                            let w = conv.weight
+                            let s64 = (var.to_type f64 + eps).rsqrt ()
+
+                            let s64 = if isNull gamma then s64 else s64 * gamma.to_type f64
+
+                            let shape = Array.init (int (w.dim ())) (fun d -> if d = 0 then -1L else 1L)
+                            w.copy_ ((w.to_type f64 * s64.view shape).to_type w.dtype) |> ignore
+
+                            let b0 =
+                                if isNull (box conv.bias) then
+                                    torch.zeros_like (mean, dtype = f64)
+                                else
+                                    conv.bias.to_type f64
+
+                            let b = (b0 - mean.to_type f64) * s64
+                            let b = if isNull beta then b else b + beta.to_type f64
+                            conv.bias <- new TorchSharp.Modules.Parameter(b.to_type(w.dtype).``to`` w.device)
+
+                            let full = if path = "" then name else path + "." + name
+
+                            Conversion.replace
+                                {
+                                    Parent = sq
+                                    Name = name
+                                    Path = full
+                                    Old = norm
+                                    Fields = []
+                                }
+                                (torch.nn.Identity())
+
+                            fused.Add full
+                        | _ -> ()
+                | _ -> ()
+
+                for (name, child) in Conversion.childrenOf m do
+                    visit child (if path = "" then name else path + "." + name)
+
+        visit model ""
+        ConversionResult(model, fused.ToArray(), fused.Count)
+
 /// Loading checkpoints and state dicts with every check done before anything is written (all or nothing).
 [<RequireQualifiedAccess>]
 module Checkpoint =

@@ -84,3 +84,37 @@ let ``every one-hot selection folds into the plain layer with the same eval outp
 
                 // a mixed selection stays SwitchNorm
                 Assert.Equal(0, (Folding.forInference (Layer.sequential [ mixed ])).Count)
+
+[<Fact>]
+let ``Conv followed by BatchNorm, or by a SwitchNorm that selects BN, fuses into the convolution with the same eval output`` () =
+    for dims in [ 1; 2; 3 ] do
+        let conv (cin: int64) (bias: bool) : M =
+            match dims with
+            | 1 -> torch.nn.Conv1d(cin, 3L, 3L, padding = 1L, bias = bias)
+            | 3 -> torch.nn.Conv3d(cin, 3L, 3L, padding = 1L, bias = bias)
+            | _ -> torch.nn.Conv2d(cin, 3L, 3L, padding = 1L, bias = bias)
+
+        let bn: M =
+            let b: TorchSharp.Modules.BatchNorm =
+                match dims with
+                | 1 -> torch.nn.BatchNorm1d(3L)
+                | 3 -> torch.nn.BatchNorm3d(3L)
+                | _ -> torch.nn.BatchNorm2d(3L)
+
+            use _ = torch.no_grad ()
+            b.weight.copy_ (randnSeeded 5L [| 3L |] f32) |> ignore
+            b.bias.copy_ (randnSeeded 6L [| 3L |] f32) |> ignore
+            b.running_mean.copy_ (randnSeeded 7L [| 3L |] f32) |> ignore
+            b.running_var.copy_ ((randnSeeded 8L [| 3L |] f32).abs () + 0.5) |> ignore
+            b :> M
+
+        let sn = selecting dims 2 true 40L :> M
+        let inner = Layer.sequential [ conv 3L true; sn; torch.nn.ReLU() ]
+        let model = Layer.sequential [ conv 3L false; bn; torch.nn.ReLU(); inner ]
+        model.eval () |> ignore
+        let x = input dims 9L
+        let before = (use _ = torch.no_grad () in model.forward x)
+        let result = Folding.fuseConvBn model
+        let after = (use _ = torch.no_grad () in model.forward x)
+        Assert.Equal<string list>([ "1"; "3.1" ], List.ofSeq result.Names)
+        assertClose $"{dims}d fused" 1e-4 after before
