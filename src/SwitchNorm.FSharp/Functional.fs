@@ -89,34 +89,7 @@ module Functional =
 
         let c = channelsOf p running x
         Checks.channels layer c x
-
-        if o.CheckTensors then
-            for (what, t) in
-                [
-                    yield "mean_weight", p.MeanLogits
-                    yield "var_weight", p.VarLogits
-                    match p.Weight with
-                    | Some w -> yield "weight", w
-                    | None -> ()
-                    match p.Bias with
-                    | Some b -> yield "bias", b
-                    | None -> ()
-                    match running with
-                    | Some r ->
-                        yield "running_mean", r.Mean
-                        yield "running_var", r.Var
-                    | None -> ()
-                ] do
-                Checks.compatible layer what x t
-
-        for (what, t) in [ "mean_weight", p.MeanLogits; "var_weight", p.VarLogits ] do
-            if t.dim () <> 1L || t.size 0 <> k then
-                invalidArg
-                    "p"
-                    $"{layer}: {what} must have shape [{k}] (one logit per component {spec.Components |> List.map (fun c -> c.ShortName)}); got {Checks.shapeText t.shape}."
-
-            if TensorData.read t |> Array.exists (fun v -> not (Double.IsFinite v)) then
-                invalidArg "p" $"{layer}: {what} must hold finite logits; got {t.ToString(TorchSharp.TensorStringStyle.Julia)}."
+        let logits = [ "mean_weight", p.MeanLogits; "var_weight", p.VarLogits ]
 
         let perChannel = [
             match p.Weight with
@@ -131,6 +104,19 @@ module Functional =
                 yield "running_var", r.Var
             | None -> ()
         ]
+
+        if o.CheckTensors then
+            for (what, t) in logits @ perChannel do
+                Checks.compatible layer what x t
+
+        for (what, t) in logits do
+            if t.dim () <> 1L || t.size 0 <> k then
+                invalidArg
+                    "p"
+                    $"{layer}: {what} must have shape [{k}] (one logit per component {spec.Components |> List.map (fun c -> c.ShortName)}); got {Checks.shapeText t.shape}."
+
+            if TensorData.read t |> Array.exists (fun v -> not (Double.IsFinite v)) then
+                invalidArg "p" $"{layer}: {what} must hold finite logits; got {t.ToString(TorchSharp.TensorStringStyle.Julia)}."
 
         for (what, t) in perChannel do
             Checks.perChannel layer what c t
@@ -182,12 +168,7 @@ module Functional =
         let batchFromInput = spec.UsesBatch && (training || running.IsNone)
         let cd = Checks.computeDtype x.dtype
 
-        let rowOk () =
-            spec.Fused
-            && cd = torch.ScalarType.Float32
-            && x.device_type = DeviceType.CPU
-            && x.numel () > 0L
-            && x.numel () <= int64 Int32.MaxValue / 4L
+        let rowOk () = spec.Fused && RowPath.applies cd x
 
         let agreement =
             match spec.Scope with

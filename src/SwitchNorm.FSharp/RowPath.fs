@@ -115,11 +115,11 @@ module internal KernelNorm =
         Array.map2 (fun wi dwi -> wi * (dwi - dot)) w dw
 
     /// Whether x3 (N, C, S) can go through the row kernels.
-    let applies (x3: torch.Tensor) =
-        x3.dtype = torch.ScalarType.Float32
-        && x3.device_type = DeviceType.CPU
-        && x3.numel () > 0L
-        && x3.numel () <= int64 Int32.MaxValue / 4L
+    let applies (computeDtype: torch.ScalarType) (x: torch.Tensor) =
+        computeDtype = torch.ScalarType.Float32
+        && x.device_type = DeviceType.CPU
+        && x.numel () > 0L
+        && x.numel () <= int64 Int32.MaxValue / 4L
 
     /// Row statistics of x3 (N, C, S) to be filled in.
     let emptyRowStats (x3: torch.Tensor) : RowStats =
@@ -651,9 +651,9 @@ type internal RowWeights = {
 /// </summary>
 module internal RowPath =
 
-    /// Whether x3 (N, C, S) can go through the row kernels: float32, on the CPU, non-empty, and small enough for
-    /// 32-bit offsets.
-    let applies (x3: torch.Tensor) = KernelNorm.applies x3
+    /// Whether an input x whose statistics are computed in computeDtype can go through the row kernels: float32 (or a
+    /// half dtype, computed in float32), on the CPU, non-empty, and small enough for 32-bit offsets.
+    let applies (computeDtype: torch.ScalarType) (x: torch.Tensor) = KernelNorm.applies computeDtype x
 
     /// <summary>
     /// The output (N, C, S) of x3, through the kernel function when a gradient is needed and directly otherwise, and,
