@@ -7,20 +7,20 @@ type LogitInit =
     /// BN's logits raised by a margin, so a pretrained network keeps (nearly) its function at first.
     | BatchLeaning = 1
 
-/// What a conversion from BatchNorm did: the converted model and where the BatchNorms were.
+/// What a model surgery did (conversion from BatchNorm, folding for deployment): the model and the layers it replaced.
 [<Sealed; AllowNullLiteral>]
 type ConversionResult internal (model: TorchSharp.torch.nn.Module, names: string[], count: int) =
-    /// The converted model (the new SwitchNorm when the model itself was a BatchNorm).
+    /// The model after the change (the new layer when the model itself was the layer replaced).
     member _.Model = model
-    /// The dotted names of the places that held a BatchNorm ("" for the model itself); a BatchNorm used in several
+    /// The dotted names of the places that held a replaced layer ("" for the model itself); a layer used in several
     /// places appears under each name.
     member _.Names: System.Collections.Generic.IReadOnlyList<string> = names
-    /// How many BatchNorm modules were replaced (each by one SwitchNorm, however many places it was used in).
+    /// How many layers were replaced (each by one new layer, however many places it was used in).
     member _.Count = count
 
-    /// "converted N BatchNorm(s): a, b, ...".
+    /// "replaced N layer(s): a, b, ...".
     override _.ToString() =
-        $"converted {count} BatchNorm(s): " + System.String.Join(", ", names)
+        $"replaced {count} layer(s): " + System.String.Join(", ", names)
 
 namespace SwitchNorm.FSharp
 
