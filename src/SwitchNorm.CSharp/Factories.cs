@@ -93,6 +93,69 @@ namespace SwitchNorm.CSharp
         }
 
         /// <summary>
+        /// SwitchNorm1d with the official PyTorch code's semantics (<see cref="global::SwitchNorm.Semantics.Official"/>) and its
+        /// constructor's parameters and defaults (switchablenorms/Switchable-Normalization, <c>SwitchNorm1d</c>), so official
+        /// checkpoints load (see <see cref="SwitchNormTools.LoadPyTorch"/>) and compute the official numbers. Over (N, C) input; it mixes [LN, BN] (or LN alone without BN), as the official SwitchNorm1d.
+        /// Variances are the official ones (unbiased IN rows, LN and BN derived from them; unbiased groups in 1d); the running
+        /// statistics follow running = momentum·running + (1 − momentum)·batch with the batch's values as they are, or
+        /// accumulate raw sums without a moving average; there is no num_batches_tracked.
+        /// </summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">The official keep factor of the running statistics, in [0, 1]: running = momentum·running + (1 − momentum)·batch. Default 0.997 (the module's momentum property is 1 − this, 0.003).</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average; false: they accumulate raw sums of the batch means and of mean² + var, as the official code does. Default true.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        public static SwitchNorm1d OfficialSwitchNorm1d(long num_features, double eps = global::SwitchNorm.Defaults.Eps, double momentum = 0.997,
+            bool using_moving_average = true, bool using_bn = true, bool last_gamma = false, Device? device = null, ScalarType? dtype = null)
+        =>
+            global::SwitchNorm.SwitchNorm1d.Official(num_features, eps, momentum, using_moving_average, using_bn, last_gamma, device, dtype);
+
+        /// <summary>
+        /// SwitchNorm2d with the official PyTorch code's semantics (<see cref="global::SwitchNorm.Semantics.Official"/>) and its
+        /// constructor's parameters and defaults (switchablenorms/Switchable-Normalization, <c>SwitchNorm2d</c>), so official
+        /// checkpoints load (see <see cref="SwitchNormTools.LoadPyTorch"/>) and compute the official numbers. Over (N, C, H, W) input; it mixes [IN, LN, BN] (or [IN, LN] without BN).
+        /// Variances are the official ones (unbiased IN rows, LN and BN derived from them; unbiased groups in 1d); the running
+        /// statistics follow running = momentum·running + (1 − momentum)·batch with the batch's values as they are, or
+        /// accumulate raw sums without a moving average; there is no num_batches_tracked.
+        /// </summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">The official keep factor of the running statistics, in [0, 1]: running = momentum·running + (1 − momentum)·batch. Default 0.9 (the module's momentum property is 1 − this, 0.1).</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average; false: they accumulate raw sums of the batch means and of mean² + var, as the official code does. Default true.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        public static SwitchNorm2d OfficialSwitchNorm2d(long num_features, double eps = global::SwitchNorm.Defaults.Eps, double momentum = 0.9,
+            bool using_moving_average = true, bool using_bn = true, bool last_gamma = false, Device? device = null, ScalarType? dtype = null)
+        =>
+            global::SwitchNorm.SwitchNorm2d.Official(num_features, eps, momentum, using_moving_average, using_bn, last_gamma, device, dtype);
+
+        /// <summary>
+        /// SwitchNorm3d with the official PyTorch code's semantics (<see cref="global::SwitchNorm.Semantics.Official"/>) and its
+        /// constructor's parameters and defaults (switchablenorms/Switchable-Normalization, <c>SwitchNorm3d</c>), so official
+        /// checkpoints load (see <see cref="SwitchNormTools.LoadPyTorch"/>) and compute the official numbers. Over (N, C, D, H, W) input; it mixes [IN, LN, BN] (or [IN, LN] without BN).
+        /// Variances are the official ones (unbiased IN rows, LN and BN derived from them; unbiased groups in 1d); the running
+        /// statistics follow running = momentum·running + (1 − momentum)·batch with the batch's values as they are, or
+        /// accumulate raw sums without a moving average; there is no num_batches_tracked.
+        /// </summary>
+        /// <param name="num_features">C, the number of channels.</param>
+        /// <param name="eps">Added to the mixed variance before the square root. Default 1e-5.</param>
+        /// <param name="momentum">The official keep factor of the running statistics, in [0, 1]: running = momentum·running + (1 − momentum)·batch. Default 0.997 (the module's momentum property is 1 − this, 0.003).</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average; false: they accumulate raw sums of the batch means and of mean² + var, as the official code does. Default true.</param>
+        /// <param name="using_bn">Whether the BN statistic is mixed in. Default true.</param>
+        /// <param name="last_gamma">Whether weight starts at 0 (the last norm of a residual block). Default false.</param>
+        /// <param name="device">Device of the parameters and buffers. Default CPU.</param>
+        /// <param name="dtype">Floating dtype of the parameters and buffers. Default torch's default dtype.</param>
+        public static SwitchNorm3d OfficialSwitchNorm3d(long num_features, double eps = global::SwitchNorm.Defaults.Eps, double momentum = 0.997,
+            bool using_moving_average = true, bool using_bn = true, bool last_gamma = false, Device? device = null, ScalarType? dtype = null)
+        =>
+            global::SwitchNorm.SwitchNorm3d.Official(num_features, eps, momentum, using_moving_average, using_bn, last_gamma, device, dtype);
+
+        /// <summary>
         /// Synchronized Switchable Normalization over (N, C, H, W) input, for data-parallel training: a SwitchNorm2d whose
         /// BN statistics are those of the global batch split across the ranks of <paramref name="communicator"/> (shards
         /// of any sizes, one may be empty). IN and LN stay per sample; the backward allreduces the gradient terms through

@@ -125,6 +125,14 @@ module Functional =
 
         let valuesPerChannel = if c > 0L then x.numel () / c else 0L
 
+        if x.numel () > 0L then
+            let s = x.numel () / (x.size 0 * c)
+            let kinds = Statistics.kinds spec.Components batchFromInput
+
+            match Statistics.estimatorProblem (Statistics.estimator spec) kinds c s valuesPerChannel with
+            | Some problem -> invalidArg "input" $"{layer}: {problem} (input shape {Checks.shapeText x.shape})."
+            | None -> ()
+
         if batchFromInput && spec.Scope = Scope.Local && valuesPerChannel = 1L then
             invalidArg
                 "input"
@@ -213,6 +221,7 @@ module Functional =
             let x3 = x.reshape (n, c, spatial)
             let x3 = if x3.dtype = cd then x3 else x3.to_type cd
             let kinds = Statistics.kinds spec.Components batchFromInput
+            let est = Statistics.estimator spec
             let runningPair = running |> Option.map (fun r -> r.Mean, r.Var)
 
             // the same tensor when the dtype already matches (to_type would make a new handle, a native call)
@@ -238,7 +247,7 @@ module Functional =
                           }
 
                     let y3, batch =
-                        RowPath.forward spec.Scope agreement.Total kinds runningPair spec.Eps gamma beta w x3
+                        RowPath.forward spec.Scope agreement.Total est kinds runningPair spec.Eps gamma beta w x3
 
                     y3,
                     batch
@@ -254,7 +263,7 @@ module Functional =
                     let wVar = switchWeights o.Layer spec p.VarLogits cd
 
                     let y3, batch =
-                        TensorPath.forward spec.Scope agreement.Total kinds runningPair spec.Eps gamma beta wMean wVar x3
+                        TensorPath.forward spec.Scope agreement.Total est kinds runningPair spec.Eps gamma beta wMean wVar x3
 
                     y3,
                     batch
@@ -265,7 +274,7 @@ module Functional =
                              {
                                  Count = b.Count
                                  Mean = TensorData.read b.Mean
-                                 Var = TensorData.read (Moments.variance b)
+                                 Var = TensorData.read (b.M2 / est.Divisor b.Count)
                              }))
 
             let y = y3.reshape (x.shape)
@@ -275,7 +284,9 @@ module Functional =
                 match running, batch with
                 | Some r, Some b when training ->
                     let b = b.Force()
-                    RunningUpdate.Updated(Statistics.runningUpdate spec.Momentum r b.Count b.Mean b.Var)
+                    match spec.Semantics with
+                    | Semantics.Official -> RunningUpdate.Updated(Statistics.officialUpdate spec.Momentum r b.Mean b.Var)
+                    | _ -> RunningUpdate.Updated(Statistics.runningUpdate spec.Momentum r b.Count b.Mean b.Var)
                 | _ -> RunningUpdate.Unchanged
 
             let batchMoments =

@@ -133,6 +133,31 @@ module internal StateCheck =
         finally
             stream.Position <- start
 
+/// The specs of the SwitchNorm1d/2d/3d constructors.
+module internal ModuleSpec =
+
+    /// <summary>
+    /// The spec of a dims-dimensional layer: the paper's components ([IN, LN, BN], or [IN, LN] without BN; with
+    /// Semantics.Official in 1d, the official [LN, BN] or [LN]), and no moving average (None) unless usingMovingAverage.
+    /// </summary>
+    let create (layer: string) (dims: int) (usingBn: bool) (eps: float) (momentum: float) (semantics: Semantics) (usingMovingAverage: bool) =
+        if not (Enum.IsDefined semantics) then
+            raise (ArgumentOutOfRangeException("semantics", semantics, $"{layer}: semantics must be Default or Official; got {int semantics}."))
+
+        let components =
+            match semantics, dims, usingBn with
+            | Semantics.Official, 1, true -> [ Layer; Batch ]
+            | Semantics.Official, 1, false -> [ Layer ]
+            | _, _, true -> [ Instance; Layer; Batch ]
+            | _, _, false -> [ Instance; Layer ]
+
+        {
+            NormSpec.Create(usingBn, eps, Nullable momentum) with
+                Components = components
+                Momentum = (if usingMovingAverage then Some momentum else None)
+                Semantics = semantics
+        }
+
 /// <summary>
 /// Switchable Normalization as a TorchSharp module (Luo et al., "Differentiable Learning-to-Normalize via
 /// Switchable Normalization", ICLR 2019). One implementation for every dimension count: the 1d/2d/3d classes
@@ -214,8 +239,9 @@ type SwitchNormNd
         if trackRunningStats then
             this.register_buffer ("running_mean", keep (torch.zeros (numFeatures, dtype = dt, device = device)))
             this.register_buffer ("running_var", keep (torch.ones (numFeatures, dtype = dt, device = device)))
-            // int64 whatever the dtype, as PyTorch's BatchNorm keeps it
-            this.register_buffer ("num_batches_tracked", keep (torch.tensor (0L, dtype = torch.ScalarType.Int64, device = device)))
+            // int64 whatever the dtype, as PyTorch's BatchNorm keeps it; the official SN modules have none
+            if spec.Semantics = Semantics.Default then
+                this.register_buffer ("num_batches_tracked", keep (torch.tensor (0L, dtype = torch.ScalarType.Int64, device = device)))
 
     let mutable accumulator: Moments option = None
     let mutable recalibrating = false
@@ -341,6 +367,14 @@ type SwitchNormNd
     /// Whether the layer has a per-channel weight and bias.
     member _.affine = affine
 
+    /// The conventions of the variances and running statistics (Semantics.Default, BatchNorm's, or Semantics.Official,
+    /// the official PyTorch code's).
+    member _.semantics = spec.Semantics
+
+    /// Whether the running statistics are a moving average (with a momentum): the official using_moving_average. False
+    /// means, with Semantics.Default, a cumulative average (momentum null) and, with Semantics.Official, raw sums.
+    member _.using_moving_average = spec.Momentum.IsSome
+
     /// Whether the BN component keeps running statistics.
     member _.track_running_stats = trackRunningStats
 
@@ -448,7 +482,9 @@ type SwitchNormNd
                 BatchesTracked =
                     let t = this.get_buffer "num_batches_tracked"
                     // read in place on the CPU: item() goes through a TensorAccessor, several native calls
-                    if t.device_type = DeviceType.CPU && t.dtype = torch.ScalarType.Int64 then
+                    if isNull t then
+                        0L
+                    elif t.device_type = DeviceType.CPU && t.dtype = torch.ScalarType.Int64 then
                         Runtime.InteropServices.MemoryMarshal.Cast<byte, int64>(t.bytes)[0]
                     else
                         // a buffer on a device without data (meta) is refused by the state checks that follow
@@ -614,7 +650,11 @@ type SwitchNormNd
                 use _ = torch.no_grad ()
                 this.running_mean.copy_ (after.Mean) |> ignore
                 this.running_var.copy_ (after.Var) |> ignore
-                this.num_batches_tracked.fill_ (after.BatchesTracked) |> ignore
+                let tracked = this.num_batches_tracked
+
+                if not (isNull tracked) then
+                    tracked.fill_ (after.BatchesTracked) |> ignore
+
                 after.Mean.Dispose()
                 after.Var.Dispose()
             | RunningUpdate.Unchanged -> ()
@@ -622,8 +662,14 @@ type SwitchNormNd
         result.Output
 
 /// <summary>Switchable Normalization over (N, C) or (N, C, L) inputs; a (N, C) input counts as (N, C, 1),
-/// so its IN mean is x and its IN variance 0. Same parameters as torch.nn.BatchNorm1d, plus using_bn and
-/// last_gamma.</summary>
+/// so its IN mean is x and its IN variance 0 (with Semantics.Official: (N, C) only, mixing [LN, BN] as the
+/// official SwitchNorm1d). Same parameters as torch.nn.BatchNorm1d, plus using_bn and
+/// last_gamma.
+/// <para>momentum: the running-average factor of the BN statistics, running = (1 − momentum)·running + momentum·batch,
+/// default 0.1 (with Semantics.Official this is 1 − the official keep factor: the official defaults are 0.1 in 2d and
+/// 0.003 in 1d and 3d, which the static Official factory uses). semantics: Semantics.Default (BatchNorm's conventions,
+/// the default) or Semantics.Official (the official PyTorch code's: see Semantics). using_moving_average: default
+/// true; false means a cumulative average (Default) or the official raw sums (Official).</para></summary>
 type SwitchNorm1d
     (
         num_features: int64,
@@ -634,14 +680,19 @@ type SwitchNorm1d
         [<Optional>] device: torch.Device,
         [<Optional>] dtype: Nullable<torch.ScalarType>,
         [<Optional; DefaultParameterValue(true)>] using_bn: bool,
-        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool,
+        [<Optional; DefaultParameterValue(Semantics.Default)>] semantics: Semantics,
+        [<Optional; DefaultParameterValue(true)>] using_moving_average: bool
     ) =
     inherit
         SwitchNormNd(
             "SwitchNorm1d",
-            [ 2; 3 ],
-            "a 2-D (N, C) or 3-D (N, C, L) input",
-            NormSpec.Create(using_bn, eps, Nullable momentum),
+            (if semantics = Semantics.Official then [ 2 ] else [ 2; 3 ]),
+            (if semantics = Semantics.Official then
+                 "a 2-D (N, C) input (official semantics, as the official SwitchNorm1d)"
+             else
+                 "a 2-D (N, C) or 3-D (N, C, L) input"),
+            ModuleSpec.create "SwitchNorm1d" 1 using_bn eps momentum semantics using_moving_average,
             num_features,
             affine,
             track_running_stats,
@@ -651,8 +702,52 @@ type SwitchNorm1d
             None
         )
 
+    /// <summary>
+    /// SwitchNorm1d with the official PyTorch code's semantics (Semantics.Official) and its constructor's parameters and
+    /// defaults (switchablenorms/Switchable-Normalization's SwitchNorm1d): momentum is the official keep factor, running =
+    /// momentum·running + (1 − momentum)·batch (default 0.997); using_moving_average = false accumulates raw sums.
+    /// </summary>
+    static member Official
+        (
+            num_features: int64,
+            [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+            [<Optional; DefaultParameterValue(0.997)>] momentum: float,
+            [<Optional; DefaultParameterValue(true)>] using_moving_average: bool,
+            [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+            [<Optional; DefaultParameterValue(false)>] last_gamma: bool,
+            [<Optional>] device: torch.Device,
+            [<Optional>] dtype: Nullable<torch.ScalarType>
+        ) =
+        if not (momentum >= 0.0 && momentum <= 1.0) then
+            raise (
+                ArgumentOutOfRangeException(
+                    "momentum",
+                    momentum,
+                    $"SwitchNorm1d.Official: momentum (the official keep factor) must lie in [0, 1]; got {momentum}."
+                )
+            )
+
+        new SwitchNorm1d(
+            num_features,
+            eps,
+            1.0 - momentum,
+            true,
+            true,
+            device,
+            dtype,
+            using_bn,
+            last_gamma,
+            Semantics.Official,
+            using_moving_average
+        )
+
 /// <summary>Switchable Normalization over (N, C, H, W) inputs: a drop-in for torch.nn.BatchNorm2d, with the same
-/// parameters plus using_bn (false drops the BN component) and last_gamma (weight starts at 0).</summary>
+/// parameters plus using_bn (false drops the BN component) and last_gamma (weight starts at 0).
+/// <para>momentum: the running-average factor of the BN statistics, running = (1 − momentum)·running + momentum·batch,
+/// default 0.1 (with Semantics.Official this is 1 − the official keep factor: the official defaults are 0.1 in 2d and
+/// 0.003 in 1d and 3d, which the static Official factory uses). semantics: Semantics.Default (BatchNorm's conventions,
+/// the default) or Semantics.Official (the official PyTorch code's: see Semantics). using_moving_average: default
+/// true; false means a cumulative average (Default) or the official raw sums (Official).</para></summary>
 type SwitchNorm2d
     (
         num_features: int64,
@@ -663,14 +758,16 @@ type SwitchNorm2d
         [<Optional>] device: torch.Device,
         [<Optional>] dtype: Nullable<torch.ScalarType>,
         [<Optional; DefaultParameterValue(true)>] using_bn: bool,
-        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool,
+        [<Optional; DefaultParameterValue(Semantics.Default)>] semantics: Semantics,
+        [<Optional; DefaultParameterValue(true)>] using_moving_average: bool
     ) =
     inherit
         SwitchNormNd(
             "SwitchNorm2d",
             [ 4 ],
             "a 4-D input (N, C, H, W)",
-            NormSpec.Create(using_bn, eps, Nullable momentum),
+            ModuleSpec.create "SwitchNorm2d" 2 using_bn eps momentum semantics using_moving_average,
             num_features,
             affine,
             track_running_stats,
@@ -680,8 +777,52 @@ type SwitchNorm2d
             None
         )
 
+    /// <summary>
+    /// SwitchNorm2d with the official PyTorch code's semantics (Semantics.Official) and its constructor's parameters and
+    /// defaults (switchablenorms/Switchable-Normalization's SwitchNorm2d): momentum is the official keep factor, running =
+    /// momentum·running + (1 − momentum)·batch (default 0.9); using_moving_average = false accumulates raw sums.
+    /// </summary>
+    static member Official
+        (
+            num_features: int64,
+            [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+            [<Optional; DefaultParameterValue(0.9)>] momentum: float,
+            [<Optional; DefaultParameterValue(true)>] using_moving_average: bool,
+            [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+            [<Optional; DefaultParameterValue(false)>] last_gamma: bool,
+            [<Optional>] device: torch.Device,
+            [<Optional>] dtype: Nullable<torch.ScalarType>
+        ) =
+        if not (momentum >= 0.0 && momentum <= 1.0) then
+            raise (
+                ArgumentOutOfRangeException(
+                    "momentum",
+                    momentum,
+                    $"SwitchNorm2d.Official: momentum (the official keep factor) must lie in [0, 1]; got {momentum}."
+                )
+            )
+
+        new SwitchNorm2d(
+            num_features,
+            eps,
+            1.0 - momentum,
+            true,
+            true,
+            device,
+            dtype,
+            using_bn,
+            last_gamma,
+            Semantics.Official,
+            using_moving_average
+        )
+
 /// <summary>Switchable Normalization over (N, C, D, H, W) inputs; same parameters as torch.nn.BatchNorm3d, plus
-/// using_bn and last_gamma.</summary>
+/// using_bn and last_gamma.
+/// <para>momentum: the running-average factor of the BN statistics, running = (1 − momentum)·running + momentum·batch,
+/// default 0.1 (with Semantics.Official this is 1 − the official keep factor: the official defaults are 0.1 in 2d and
+/// 0.003 in 1d and 3d, which the static Official factory uses). semantics: Semantics.Default (BatchNorm's conventions,
+/// the default) or Semantics.Official (the official PyTorch code's: see Semantics). using_moving_average: default
+/// true; false means a cumulative average (Default) or the official raw sums (Official).</para></summary>
 type SwitchNorm3d
     (
         num_features: int64,
@@ -692,14 +833,16 @@ type SwitchNorm3d
         [<Optional>] device: torch.Device,
         [<Optional>] dtype: Nullable<torch.ScalarType>,
         [<Optional; DefaultParameterValue(true)>] using_bn: bool,
-        [<Optional; DefaultParameterValue(false)>] last_gamma: bool
+        [<Optional; DefaultParameterValue(false)>] last_gamma: bool,
+        [<Optional; DefaultParameterValue(Semantics.Default)>] semantics: Semantics,
+        [<Optional; DefaultParameterValue(true)>] using_moving_average: bool
     ) =
     inherit
         SwitchNormNd(
             "SwitchNorm3d",
             [ 5 ],
             "a 5-D input (N, C, D, H, W)",
-            NormSpec.Create(using_bn, eps, Nullable momentum),
+            ModuleSpec.create "SwitchNorm3d" 3 using_bn eps momentum semantics using_moving_average,
             num_features,
             affine,
             track_running_stats,
@@ -707,6 +850,45 @@ type SwitchNorm3d
             device,
             dtype,
             None
+        )
+
+    /// <summary>
+    /// SwitchNorm3d with the official PyTorch code's semantics (Semantics.Official) and its constructor's parameters and
+    /// defaults (switchablenorms/Switchable-Normalization's SwitchNorm3d): momentum is the official keep factor, running =
+    /// momentum·running + (1 − momentum)·batch (default 0.997); using_moving_average = false accumulates raw sums.
+    /// </summary>
+    static member Official
+        (
+            num_features: int64,
+            [<Optional; DefaultParameterValue(Defaults.Eps)>] eps: float,
+            [<Optional; DefaultParameterValue(0.997)>] momentum: float,
+            [<Optional; DefaultParameterValue(true)>] using_moving_average: bool,
+            [<Optional; DefaultParameterValue(true)>] using_bn: bool,
+            [<Optional; DefaultParameterValue(false)>] last_gamma: bool,
+            [<Optional>] device: torch.Device,
+            [<Optional>] dtype: Nullable<torch.ScalarType>
+        ) =
+        if not (momentum >= 0.0 && momentum <= 1.0) then
+            raise (
+                ArgumentOutOfRangeException(
+                    "momentum",
+                    momentum,
+                    $"SwitchNorm3d.Official: momentum (the official keep factor) must lie in [0, 1]; got {momentum}."
+                )
+            )
+
+        new SwitchNorm3d(
+            num_features,
+            eps,
+            1.0 - momentum,
+            true,
+            true,
+            device,
+            dtype,
+            using_bn,
+            last_gamma,
+            Semantics.Official,
+            using_moving_average
         )
 
 /// <summary>

@@ -60,6 +60,8 @@ type internal RowComponent = {
     /// 1/S for the per-row statistic, whose Var is the rows' M2 (shared with the row statistics, so no array of its
     /// own is kept for the backward); 1 for the others.
     VarScale: float
+    /// The variance's divisor D (the estimator's: Count, or Count − 1 for unbiased groups), for the backward.
+    VarCount: float
 }
 
 /// Everything the kernel normalizer's forward and backward share for one input.
@@ -67,6 +69,10 @@ type internal KernelPlan = {
     Stats: RowStats
     Components: RowComponent[]
     Eps: float
+    /// The estimator's factor κ of the rows' M2 (1, or S/(S − 1) for unbiased rows), already applied to Stats.M2.
+    Within: float
+    /// The estimator, for the create_graph backward's composition.
+    Estimator: Estimator
     /// For a synchronized layer: the ranks whose rows share the per-channel (BN) statistic, so the gradients
     /// reaching it are summed over them in the backward.
     Reducer: ICommunicator option
@@ -78,6 +84,7 @@ type internal KernelPlan = {
 /// </summary>
 type internal DeferredPlan = {
     Kinds: StatKind list
+    Estimator: Estimator
     Running: (torch.Tensor * torch.Tensor) option
     Eps: float
 }
@@ -134,9 +141,15 @@ module internal KernelNorm =
             M2 = GC.AllocateUninitializedArray<float>(n * c)
         }
 
-    /// Per-row mean and centred sum of squares of a contiguous float32 x3: a mean pass and a centred pass per
+    /// Multiplies the rows' M2 in [lo, lo + count) by the estimator's κ (nothing to do for κ = 1).
+    let scaleRows (kappa: float) (m2: float[]) (lo: int) (count: int) =
+        if kappa <> 1.0 then
+            for i in lo .. lo + count - 1 do
+                m2[i] <- m2[i] * kappa
+
+    /// Per-row mean and centred sum of squares (times the estimator's κ) of a contiguous float32 x3: a mean pass and a centred pass per
     /// row (the second one mostly from cache), corrected by the centred sum so the rounded centre costs nothing.
-    let rowStats (x3: torch.Tensor) : RowStats =
+    let rowStats (est: Estimator) (x3: torch.Tensor) : RowStats =
         let n, c, s = int (x3.size 0), int (x3.size 1), int (x3.size 2)
         let rows = n * c
         let px = TensorData.pointer x3
@@ -144,6 +157,7 @@ module internal KernelNorm =
         let mean = GC.AllocateUninitializedArray<float> rows
         let m2 = GC.AllocateUninitializedArray<float> rows
         Rows.forRows rows s (fun lo hi -> RowKernels.Stats(px, s, centre, mean, m2, lo, hi))
+        scaleRows (est.Within s) m2 0 rows
 
         {
             N = n
@@ -195,40 +209,40 @@ module internal KernelNorm =
     let plan
         (scope: Scope)
         (total: float)
+        (est: Estimator)
         (st: RowStats)
         (kinds: StatKind list)
         (running: (torch.Tensor * torch.Tensor) option)
         (eps: float)
         =
+        // a pooled statistic's variance by the estimator's divisor: Pool and batchStatistic divide by the count
+        let pooled kind (count, mean, var: float[]) =
+            let d = est.Divisor count
+
+            {
+                Kind = kind
+                Count = count
+                Mean = mean
+                Var = (if d = count then var else var |> Array.map (fun v -> v * count / d))
+                VarScale = 1.0
+                VarCount = d
+            }
+
         let comp (kind: StatKind) =
             match kind with
-            | PerRow -> {
-                Kind = kind
-                Count = float st.S
-                Mean = st.Mean
-                Var = st.M2
-                VarScale = 1.0 / float st.S
-              }
-            | PerSample ->
-                let count, mean, var = pool st true
+            | PerRow ->
+                let s = float st.S
 
                 {
                     Kind = kind
-                    Count = count
-                    Mean = mean
-                    Var = var
-                    VarScale = 1.0
+                    Count = s
+                    Mean = st.Mean
+                    Var = st.M2
+                    VarScale = 1.0 / est.Divisor s
+                    VarCount = est.Divisor s
                 }
-            | PerChannel ->
-                let count, mean, var = batchStatistic scope total st
-
-                {
-                    Kind = kind
-                    Count = count
-                    Mean = mean
-                    Var = var
-                    VarScale = 1.0
-                }
+            | PerSample -> pooled kind (pool st true)
+            | PerChannel -> pooled kind (batchStatistic scope total st)
             | Constant ->
                 match running with
                 | Some(m, v) -> {
@@ -237,6 +251,7 @@ module internal KernelNorm =
                     Mean = TensorData.read m
                     Var = TensorData.read v
                     VarScale = 1.0
+                    VarCount = 0.0
                   }
                 | None -> invalidOp "unreachable: constant statistics without running statistics"
 
@@ -249,6 +264,8 @@ module internal KernelNorm =
             Stats = st
             Components = kinds |> List.map comp |> Array.ofList
             Eps = eps
+            Within = est.Within st.S
+            Estimator = est
             Reducer = reducer
         }
 
@@ -305,6 +322,7 @@ module internal KernelNorm =
     /// </summary>
     let sampleOutput
         (x3: torch.Tensor)
+        (est: Estimator)
         (kinds: StatKind list)
         (running: (torch.Tensor * torch.Tensor) option)
         (eps: float)
@@ -334,6 +352,10 @@ module internal KernelNorm =
         let g, b = defaultArg gamma null, defaultArg beta null
         let hasSample = List.contains PerSample kinds
         let sampleLen = c * s
+        let kappa = est.Within s
+        let sampleCount = float sampleLen
+        let sampleScale = sampleCount / est.Divisor sampleCount
+        let invRow = 1.0 / est.Divisor(float s)
 
         Rows.forRows n sampleLen (fun lo hi ->
             // one sample's statistics, reused from sample to sample
@@ -345,6 +367,7 @@ module internal KernelNorm =
                 let xa = NativePtr.add px (a * sampleLen)
                 let ya = NativePtr.add py (a * sampleLen)
                 RowKernels.Stats(xa, s, centre, mean, m2, 0, c)
+                scaleRows kappa m2 0 c
 
                 match keep with
                 | Some st ->
@@ -356,6 +379,7 @@ module internal KernelNorm =
 
                 if hasSample then
                     RowKernels.Pool(1, c, s, mean, m2, true, sampleMean, sampleVar) |> ignore
+                    sampleVar[0] <- sampleVar[0] * sampleScale
 
                 RowKernels.MixSample(
                     c,
@@ -363,7 +387,7 @@ module internal KernelNorm =
                     codes,
                     mean,
                     m2,
-                    1.0 / float s,
+                    invRow,
                     sampleMean[0],
                     sampleVar[0],
                     runMean,
@@ -460,9 +484,12 @@ module internal KernelNorm =
                         kinds,
                         comps |> Array.map (fun comp -> comp.Kind <> Constant),
                         comps |> Array.map (fun comp -> comp.Count),
+                        comps |> Array.map (fun comp -> comp.VarCount),
+                        plan.Within,
                         sv.WMean,
                         sv.WVar,
                         means,
+                        st.Mean,
                         dMu,
                         dVar,
                         muSample,
@@ -519,9 +546,9 @@ type internal SwitchNormKernelFunction() =
                 let st = KernelNorm.emptyRowStats x3
 
                 let y =
-                    KernelNorm.sampleOutput x3 d.Kinds d.Running d.Eps g (read beta) wMean wVar (Some st)
+                    KernelNorm.sampleOutput x3 d.Estimator d.Kinds d.Running d.Eps g (read beta) wMean wVar (Some st)
 
-                KernelNorm.plan Scope.Local 0.0 st d.Kinds d.Running d.Eps, y
+                KernelNorm.plan Scope.Local 0.0 d.Estimator st d.Kinds d.Running d.Eps, y
             | plan ->
                 let plan = plan :?> KernelPlan
                 plan, KernelNorm.output x3 plan g (read beta) wMean wVar
@@ -590,6 +617,7 @@ type internal SwitchNormKernelFunction() =
                 TensorPath.forward
                     scope
                     total
+                    sv.Plan.Estimator
                     kinds
                     constants
                     sv.Plan.Eps
@@ -662,6 +690,7 @@ module internal RowPath =
     let forward
         (scope: Scope)
         (total: float)
+        (est: Estimator)
         (kinds: StatKind list)
         (running: (torch.Tensor * torch.Tensor) option)
         (eps: float)
@@ -689,6 +718,7 @@ module internal RowPath =
                 through (
                     box {
                         Kinds = kinds
+                        Estimator = est
                         Running = running
                         Eps = eps
                     }
@@ -697,6 +727,7 @@ module internal RowPath =
             else
                 KernelNorm.sampleOutput
                     x3c
+                    est
                     kinds
                     running
                     eps
@@ -707,7 +738,8 @@ module internal RowPath =
                     None,
                 None
         else
-            let plan = KernelNorm.plan scope total (KernelNorm.rowStats x3c) kinds running eps
+            let plan =
+                KernelNorm.plan scope total est (KernelNorm.rowStats est x3c) kinds running eps
 
             let batch =
                 plan.Components

@@ -12,6 +12,30 @@ module Defaults =
     [<Literal>]
     let Momentum = 0.1
 
+/// <summary>
+/// Which conventions a switchable normalizer follows for its variances and running statistics.
+/// </summary>
+type Semantics =
+    /// <summary>
+    /// BatchNorm's (the default): every variance is biased (M2 / count); the running variance keeps the batch's unbiased
+    /// variance, running = (1 − momentum)·running + momentum·batch (a cumulative average without a momentum), and
+    /// num_batches_tracked counts the training batches.
+    /// </summary>
+    | Default = 0
+    /// <summary>
+    /// The official PyTorch code's (switchablenorms/Switchable-Normalization, devkit/ops/switchable_norm.py), so that
+    /// its checkpoints compute the same numbers. With IN mixed in (SwitchNorm2d/3d): IN's variance is unbiased,
+    /// M2 / (S − 1) over a row's S values, and LN's and BN's are derived from it, mean(var_in + mean_in²) − mean², which
+    /// is computed here, without cancellation, as the rows' M2·S/(S − 1) pooled by the law of total variance. Without
+    /// IN (SwitchNorm1d, whose components are [LN, BN] over (N, C)): each variance is the unbiased one of its group.
+    /// The running statistics keep the batch's values as they are: running = (1 − momentum)·running + momentum·batch,
+    /// where momentum is 1 − the official keep factor (0.9 for 2d, 0.997 for 1d and 3d, so 0.1 and 0.003 here); without
+    /// a moving average (the official using_moving_average = False) they accumulate raw sums, running_mean += mean and
+    /// running_var += mean² + var. Eval uses them as stored. There is no num_batches_tracked. Where the official code
+    /// divides by zero (a row of one value with IN, a group of one value without it), the call is refused.
+    /// </summary>
+    | Official = 1
+
 namespace SwitchNorm.FSharp
 
 open TorchSharp
@@ -40,6 +64,12 @@ type NormSpec = {
     Fused: bool
     /// Over which rows BN pools: this process's batch (Scope.Local, the default) or the ranks of a communicator.
     Scope: Scope
+    /// <summary>
+    /// The conventions for variances and running statistics: Semantics.Default (BatchNorm's) or Semantics.Official
+    /// (the official PyTorch code's; then a Momentum of None means the official using_moving_average = False: the
+    /// running statistics accumulate raw sums).
+    /// </summary>
+    Semantics: Semantics
 } with
 
     /// True when the Batch component is mixed in.
@@ -57,6 +87,7 @@ type NormSpec = {
         Momentum = Option.ofNullable momentum
         Fused = true
         Scope = Scope.Local
+        Semantics = Semantics.Default
     }
 
 /// Learnable parameters of a switchable normalizer.

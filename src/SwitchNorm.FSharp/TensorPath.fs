@@ -67,20 +67,27 @@ module internal TensorPath =
             }
 
     /// <summary>
-    /// The table's tensor column: each kind's (mean, biased variance), broadcastable to [N, C], from the per-row
-    /// moments, the scope's batch moments (for PerChannel) and the running statistics (for Constant).
+    /// The table's tensor column: each kind's (mean, variance by the estimator), broadcastable to [N, C], from the
+    /// per-row moments (whose M2 already carries the estimator's κ), the scope's batch moments (for PerChannel) and the running statistics (for Constant).
     /// </summary>
-    let statistics (kinds: StatKind list) (inst: Moments) (batch: Moments option) (running: (torch.Tensor * torch.Tensor) option) =
+    let statistics
+        (est: Estimator)
+        (kinds: StatKind list)
+        (inst: Moments)
+        (batch: Moments option)
+        (running: (torch.Tensor * torch.Tensor) option)
+        =
         let cd = inst.Mean.dtype
+        let variance (m: Moments) = m.M2 / est.Divisor m.Count
 
         kinds
         |> List.map (fun kind ->
             match kind, batch, running with
-            | PerRow, _, _ -> inst.Mean, Moments.variance inst
+            | PerRow, _, _ -> inst.Mean, variance inst
             | PerSample, _, _ ->
                 let l = Moments.reduce 1L inst
-                l.Mean, Moments.variance l
-            | PerChannel, Some b, _ -> b.Mean, Moments.variance b
+                l.Mean, variance l
+            | PerChannel, Some b, _ -> b.Mean, variance b
             | Constant, _, Some(m, v) -> (m.to_type cd).view (1L, -1L), (v.to_type cd).view (1L, -1L)
             | PerChannel, None, _
             | Constant, _, None -> invalidOp "unreachable: a batch statistic without the batch's or the running statistics")
@@ -116,6 +123,7 @@ module internal TensorPath =
     let forward
         (scope: Scope)
         (total: float)
+        (est: Estimator)
         (kinds: StatKind list)
         (running: (torch.Tensor * torch.Tensor) option)
         (eps: float)
@@ -135,7 +143,10 @@ module internal TensorPath =
         let inS (t: torch.Tensor) =
             if isNull t || t.dtype = sd then t else t.to_type sd
 
-        let inst = Moments.ofRows (inS x3)
+        let inst =
+            let m = Moments.ofRows (inS x3)
+            let kappa = est.Within(int (x3.size 2))
+            if kappa = 1.0 then m else { m with M2 = m.M2 * kappa }
 
         let batch =
             if List.contains PerChannel kinds then
@@ -143,7 +154,7 @@ module internal TensorPath =
             else
                 None
 
-        let stats = statistics kinds inst batch running
+        let stats = statistics est kinds inst batch running
 
         let y =
             output (inS x3) inst.Mean stats eps (inS gamma) (inS beta) (inS wMean) (inS wVar)

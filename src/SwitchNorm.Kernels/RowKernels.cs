@@ -763,12 +763,16 @@ internal static unsafe class RowKernels
 
     /// <summary>
     /// The per-row coefficients of dx = gr·g + q·(x − centre) + c0: each live statistic j passes its gradient on as a
-    /// mean (wmⱼ·dm/countⱼ per value) and a biased variance (2·wvⱼ·dv·(x − meanⱼ)/countⱼ), where dm and dv are the
-    /// gradients reaching it (per row, per sample or per channel).
+    /// mean (wmⱼ·dm/countⱼ per value) and a variance, where dm and dv are the gradients reaching it (per row, per sample
+    /// or per channel). A variance is Σ_rows [κ·M2_row + S·(rowMean − meanⱼ)²] / Dⱼ over its group (the statistics
+    /// table's estimator: κ = 1 and Dⱼ = countⱼ for biased variances; κ = S/(S − 1) for unbiased rows; Dⱼ = countⱼ − 1
+    /// for a group's unbiased variance), so its gradient is 2·wvⱼ·dv·[κ·(x − rowMean) + (rowMean − meanⱼ)]/Dⱼ, which for
+    /// κ = 1 is 2·wvⱼ·dv·(x − meanⱼ)/Dⱼ.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void InputCoefficients(
-        int n, int c, int k, StatGroup[] kinds, bool[] live, double[] counts, double[] wm, double[] wv, double[][] means,
+        int n, int c, int k, StatGroup[] kinds, bool[] live, double[] counts, double[] varCounts, double kappa,
+        double[] wm, double[] wv, double[][] means, double[] rowMean,
         double[] dMu, double[] dVar, double[] muSample, double[] muChannel, double[] varSample, double[] varChannel,
         double[] centre, double[] q, double[] c0)
     {
@@ -794,7 +798,12 @@ internal static unsafe class RowKernels
                 StatGroup kind = kinds[j];
                 var dm = kind == StatGroup.PerRow ? dMu.AsSpan(row0, c) : kind == StatGroup.PerSample ? Filled(s1, muSample[a]) : muChannel.AsSpan(0, c);
                 var dv = kind == StatGroup.PerRow ? dVar.AsSpan(row0, c) : kind == StatGroup.PerSample ? Filled(s2, varSample[a]) : varChannel.AsSpan(0, c);
-                Coefficients(qRow, cRow, dm, dv, centreRow, Seen(kind, means[j], a, c, s3), 2.0 * wv[j] / counts[j], wm[j] / counts[j]);
+                var mean = Seen(kind, means[j], a, c, s3);
+
+                if (kappa == 1.0)
+                    Coefficients(qRow, cRow, dm, dv, centreRow, mean, 2.0 * wv[j] / varCounts[j], wm[j] / counts[j]);
+                else
+                    CoefficientsWithin(qRow, cRow, dm, dv, centreRow, rowMean.AsSpan(row0, c), mean, kappa, 2.0 * wv[j] / varCounts[j], wm[j] / counts[j]);
             }
         }
     }
@@ -1024,6 +1033,23 @@ internal static unsafe class RowKernels
             double dvq = fv * dv[i];
             q[i] += dvq;
             c0[i] += fm * dm[i] + dvq * (centre[i] - mean[i]);
+        }
+    }
+
+    /// <summary>
+    /// <see cref="Coefficients"/> for unbiased rows (κ ≠ 1): q += fv·κ·dv and
+    /// c0 += fm·dm + fv·dv·[κ·(centre − rowMean) + (rowMean − mean)].
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void CoefficientsWithin(
+        Span<double> q, Span<double> c0, ReadOnlySpan<double> dm, ReadOnlySpan<double> dv, ReadOnlySpan<double> centre,
+        ReadOnlySpan<double> rowMean, ReadOnlySpan<double> mean, double kappa, double fv, double fm)
+    {
+        for (int i = 0; i < q.Length; i++)
+        {
+            double dvq = fv * dv[i];
+            q[i] += dvq * kappa;
+            c0[i] += fm * dm[i] + dvq * (kappa * (centre[i] - rowMean[i]) + (rowMean[i] - mean[i]));
         }
     }
 }
