@@ -284,6 +284,7 @@ module Functional =
                 match running, batch with
                 | Some r, Some b when training ->
                     let b = b.Force()
+
                     match spec.Semantics with
                     | Semantics.Official -> RunningUpdate.Updated(Statistics.officialUpdate spec.Momentum r b.Mean b.Var)
                     | _ -> RunningUpdate.Updated(Statistics.runningUpdate spec.Momentum r b.Count b.Mean b.Var)

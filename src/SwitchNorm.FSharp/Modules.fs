@@ -140,9 +140,19 @@ module internal ModuleSpec =
     /// The spec of a dims-dimensional layer: the paper's components ([IN, LN, BN], or [IN, LN] without BN; with
     /// Semantics.Official in 1d, the official [LN, BN] or [LN]), and no moving average (None) unless usingMovingAverage.
     /// </summary>
-    let create (layer: string) (dims: int) (usingBn: bool) (eps: float) (momentum: float) (semantics: Semantics) (usingMovingAverage: bool) =
+    let create
+        (layer: string)
+        (dims: int)
+        (usingBn: bool)
+        (eps: float)
+        (momentum: float)
+        (semantics: Semantics)
+        (usingMovingAverage: bool)
+        =
         if not (Enum.IsDefined semantics) then
-            raise (ArgumentOutOfRangeException("semantics", semantics, $"{layer}: semantics must be Default or Official; got {int semantics}."))
+            raise (
+                ArgumentOutOfRangeException("semantics", semantics, $"{layer}: semantics must be Default or Official; got {int semantics}.")
+            )
 
         let components =
             match semantics, dims, usingBn with

@@ -223,7 +223,11 @@ module internal KernelNorm =
                 Kind = kind
                 Count = count
                 Mean = mean
-                Var = (if d = count then var else var |> Array.map (fun v -> v * count / d))
+                Var =
+                    (if d = count then
+                         var
+                     else
+                         var |> Array.map (fun v -> v * count / d))
                 VarScale = 1.0
                 VarCount = d
             }

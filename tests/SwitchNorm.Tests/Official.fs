@@ -33,15 +33,36 @@ module OfficialReference =
         e |> Array.map (fun v -> v / z)
 
     /// Output and the batch's (mean, var) per channel (train) for the official 2d/3d module.
-    let forward2d (n: int) (c: int) (s: int) (x: float[]) (w: float[]) (b: float[]) (lm: float[]) (lv: float[]) (eps: float) (bn: (float[] * float[]) option) (usingBn: bool) =
-        let row i j = Array.init s (fun k -> x[(i * c + j) * s + k])
+    let forward2d
+        (n: int)
+        (c: int)
+        (s: int)
+        (x: float[])
+        (w: float[])
+        (b: float[])
+        (lm: float[])
+        (lv: float[])
+        (eps: float)
+        (bn: (float[] * float[]) option)
+        (usingBn: bool)
+        =
+        let row i j =
+            Array.init s (fun k -> x[(i * c + j) * s + k])
+
         let meanIn = Array.init n (fun i -> Array.init c (fun j -> mean (row i j)))
         let varIn = Array.init n (fun i -> Array.init c (fun j -> unbiased (row i j)))
-        let temp = Array.init n (fun i -> Array.init c (fun j -> varIn[i][j] + meanIn[i][j] ** 2.0))
+
+        let temp =
+            Array.init n (fun i -> Array.init c (fun j -> varIn[i][j] + meanIn[i][j] ** 2.0))
+
         let meanLn = Array.init n (fun i -> mean meanIn[i])
         let varLn = Array.init n (fun i -> mean temp[i] - meanLn[i] ** 2.0)
-        let meanBnBatch = Array.init c (fun j -> mean (Array.init n (fun i -> meanIn[i][j])))
-        let varBnBatch = Array.init c (fun j -> mean (Array.init n (fun i -> temp[i][j])) - meanBnBatch[j] ** 2.0)
+
+        let meanBnBatch =
+            Array.init c (fun j -> mean (Array.init n (fun i -> meanIn[i][j])))
+
+        let varBnBatch =
+            Array.init c (fun j -> mean (Array.init n (fun i -> temp[i][j])) - meanBnBatch[j] ** 2.0)
 
         let meanBn, varBn =
             match bn with
@@ -66,7 +87,18 @@ module OfficialReference =
         y, (meanBnBatch, varBnBatch)
 
     /// Output and the batch's (mean, var) per channel (train) for the official 1d module over (N, C).
-    let forward1d (n: int) (c: int) (x: float[]) (w: float[]) (b: float[]) (lm: float[]) (lv: float[]) (eps: float) (bn: (float[] * float[]) option) (usingBn: bool) =
+    let forward1d
+        (n: int)
+        (c: int)
+        (x: float[])
+        (w: float[])
+        (b: float[])
+        (lm: float[])
+        (lv: float[])
+        (eps: float)
+        (bn: (float[] * float[]) option)
+        (usingBn: bool)
+        =
         let sample i = Array.init c (fun j -> x[i * c + j])
         let channel j = Array.init n (fun i -> x[i * c + j])
         let meanLn = Array.init n (fun i -> mean (sample i))
@@ -135,7 +167,8 @@ type OfficialArbs =
                     match dims with
                     | 1 -> Gen.constant [||]
                     | 2 -> Gen.map2 (fun h w -> [| int64 h; int64 w |]) (Gen.choose (2, 6)) (Gen.choose (1, 6))
-                    | _ -> Gen.map3 (fun d h w -> [| int64 d; int64 h; int64 w |]) (Gen.choose (1, 3)) (Gen.choose (2, 3)) (Gen.choose (1, 4))
+                    | _ ->
+                        Gen.map3 (fun d h w -> [| int64 d; int64 h; int64 w |]) (Gen.choose (1, 3)) (Gen.choose (2, 3)) (Gen.choose (1, 4))
 
                 let! ma = Gen.elements [ true; false ]
                 let! fused = Gen.elements [ true; false ]
@@ -174,7 +207,8 @@ type OfficialArbs =
 
         Arb.fromGenShrink (gen, shrink)
 
-let private arr (t: torch.Tensor) = t.detach().contiguous().to_type(f64).data<float>().ToArray()
+let private arr (t: torch.Tensor) =
+    t.detach().contiguous().to_type(f64).data<float>().ToArray()
 
 let officialLayer (dims: int) (c: int64) (usingBn: bool) (ma: bool) (dtype: torch.ScalarType) : SwitchNormNd =
     let dtype = Nullable dtype
@@ -191,7 +225,9 @@ let randomize (seed: int) (m: SwitchNormNd) =
     let k = m.mean_weight.shape[0]
     let dt = m.mean_weight.dtype
     // drawn in float64 whatever the module's dtype, so modules of two dtypes get the same values
-    let randn (i: int64) (n: int64) = randnSeeded (int64 seed + i) [| n |] f64
+    let randn (i: int64) (n: int64) =
+        randnSeeded (int64 seed + i) [| n |] f64
+
     let rand (i: int64) (n: int64) = randSeeded (int64 seed + i) [| n |] f64
     m.weight.copy_ (rand 1L c + 0.5) |> ignore
     m.bias.copy_ (randn 2L c) |> ignore
@@ -217,13 +253,22 @@ module Properties =
     [<Property>]
     let ``official semantics compute the official outputs and running buffers`` (case: OfficialCase) =
         use scope = torch.NewDisposeScope()
-        let m = officialLayer case.Dims (int64 case.C) case.UsingBn case.MovingAverage case.Dtype
+
+        let m =
+            officialLayer case.Dims (int64 case.C) case.UsingBn case.MovingAverage case.Dtype
+
         m.Fused <- case.Fused
         randomize case.Seed m
         let x = randnSeeded (int64 case.Seed) case.Shape case.Dtype * 2.0 + case.Offset
         let xa = arr x
         let keep = if case.Dims = 2 then 0.9 else 0.997
-        let rm0, rv0 = (if case.UsingBn then arr m.running_mean, arr m.running_var else [||], [||])
+
+        let rm0, rv0 =
+            (if case.UsingBn then
+                 arr m.running_mean, arr m.running_var
+             else
+                 [||], [||])
+
         let t = tol case.Dtype
         // relative to the data's scale: the official formulas in float32 lose digits to the offset themselves
         let yTol = if case.Dtype = f64 then 1e-8 else 5e-4
@@ -260,13 +305,16 @@ module Properties =
             let m = officialLayer case.Dims (int64 case.C) case.UsingBn case.MovingAverage dtype
             m.Fused <- fused
             randomize case.Seed m
+
             let x =
                 (randnSeeded (int64 case.Seed) case.Shape f64 * 2.0 + 1.0).to_type(dtype).requires_grad_ ()
 
             let g = (randnSeeded (int64 case.Seed + 9L) case.Shape f64).to_type dtype
             m.train ()
             (m.forward x * g).sum().backward ()
-            [ x.grad; m.weight.grad; m.bias.grad; m.mean_weight.grad; m.var_weight.grad ] |> List.map arr
+
+            [ x.grad; m.weight.grad; m.bias.grad; m.mean_weight.grad; m.var_weight.grad ]
+            |> List.map arr
 
         let row = grads true torch.ScalarType.Float32
         let composed = grads false f64
@@ -323,7 +371,12 @@ let ``official gradients match finite differences`` (dims: int, usingBn: bool) =
 let ``official semantics refuse the inputs where the official code gives NaN`` () =
     let m2 = officialLayer 2 3L true true torch.ScalarType.Float32
     let before = m2.running_mean.clone ()
-    throws<ArgumentException> (fun () -> m2.forward (torch.randn (2L, 3L, 1L, 1L)) |> box) [ "more than one value per (n, c) row"; "[2, 3, 1, 1]" ]
+
+    throws<ArgumentException> (fun () -> m2.forward (torch.randn (2L, 3L, 1L, 1L)) |> box) [
+        "more than one value per (n, c) row"
+        "[2, 3, 1, 1]"
+    ]
+
     Assert.True(exactEq before m2.running_mean)
     let m1 = officialLayer 1 3L true true torch.ScalarType.Float32
     throws<ArgumentException> (fun () -> m1.forward (torch.randn (1L, 3L)) |> box) [ "more than one value per channel" ]
@@ -334,7 +387,9 @@ let ``official semantics refuse the inputs where the official code gives NaN`` (
 /// The official modules' defaults and key sets.
 [<Fact>]
 let ``official modules have the official parameters, buffers and default momenta`` () =
-    let keys (m: torch.nn.Module) = [ for kv in m.state_dict () -> kv.Key ] |> List.sort
+    let keys (m: torch.nn.Module) =
+        [ for kv in m.state_dict () -> kv.Key ] |> List.sort
+
     let m2 = officialLayer 2 4L true true torch.ScalarType.Float32
     Assert.Equal<string list>([ "bias"; "mean_weight"; "running_mean"; "running_var"; "var_weight"; "weight" ], keys m2)
     Assert.Equal(1.0 - 0.9, m2.momentum.Value)
