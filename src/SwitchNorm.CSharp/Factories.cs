@@ -272,6 +272,40 @@ namespace SwitchNorm.CSharp
     public static class SwitchNormTools
     {
         /// <summary>
+        /// Loads a PyTorch file into <paramref name="model"/>, all or nothing: a <c>torch.save</c> zip file (.pt, .pth) holding
+        /// a flat state dict or a checkpoint dict with one under <c>state_dict</c> or <c>model</c> (such as the official
+        /// training script's {epoch, state_dict, best_prec1, optimizer}), or a .safetensors file. A DataParallel
+        /// <c>module.</c> prefix is stripped; the official SwitchNorm shapes ((1, C, 1, 1), (1, C, 1), (1, C)) are mapped
+        /// onto the module's [C] when the layer has official semantics (the <see cref="models"/> zoo,
+        /// <c>Layers.OfficialSwitchNorm2d</c>); a missing num_batches_tracked keeps its value. Every key, shape and dtype
+        /// is checked before anything is written, and every problem is listed in one InvalidDataException. Refused with
+        /// a clear message: a legacy (pre-1.6) file, with the one-line re-save recipe; a pickled whole model; an official
+        /// checkpoint loaded into layers with default semantics.
+        /// </summary>
+        /// <param name="model">The model to load into.</param>
+        /// <param name="path">The file.</param>
+        /// <param name="strict">Whether missing and unexpected keys are errors (num_batches_tracked may always be missing). Default true.</param>
+        /// <returns>The model's keys the file lacked and the file's keys the model lacks.</returns>
+        public static (IList<string> missing_keys, IList<string> unexpected_keys) LoadPyTorch(this torch.nn.Module model, string path, bool strict = true)
+        {
+            var r = global::SwitchNorm.FSharp.PyTorch.Load(strict, path, model);
+            return (r.MissingKeys.ToList(), r.UnexpectedKeys.ToList());
+        }
+
+        /// <summary>
+        /// Writes <paramref name="model"/>'s state dict as a file that Python's <c>torch.load</c> reads: .safetensors when the
+        /// path ends so, else a <c>torch.save</c> zip file (.pt, .pth) holding a plain dict. With
+        /// <see cref="global::SwitchNorm.PyTorchLayout.Official"/> the SwitchNorm tensors take the official shapes, so the file
+        /// loads into the official PyTorch modules (its layers must have official semantics).
+        /// </summary>
+        /// <param name="model">The model to save.</param>
+        /// <param name="path">The file to write (replaced when it exists; written to a temporary file first).</param>
+        /// <param name="layout">Module (default: the module's own shapes) or Official.</param>
+        /// <param name="prefix">Prepended to every key, e.g. "module." as DataParallel writes them. Default none.</param>
+        public static void SavePyTorch(this torch.nn.Module model, string path, global::SwitchNorm.PyTorchLayout layout = global::SwitchNorm.PyTorchLayout.Module, string prefix = "") =>
+            global::SwitchNorm.FSharp.PyTorch.Save(layout, prefix, path, model);
+
+        /// <summary>
         /// Replaces every BatchNorm1d/2d/3d that <paramref name="model"/>'s forward can reach (children, Sequentials,
         /// ModuleLists, ModuleDicts, fields, at any depth) by the matching SwitchNorm, in place, carrying over options
         /// (affine and track_running_stats included), weight, bias, running statistics, num_batches_tracked and the
@@ -372,5 +406,95 @@ namespace SwitchNorm.CSharp
             var (missing, unexpected) = global::SwitchNorm.FSharp.Checkpoint.LoadStateDict(strict, source, model);
             return (missing.ToList(), unexpected.ToList());
         }
+    }
+
+    /// <summary>
+    /// The official Switchable Normalization model zoo (switchablenorms/Switchable-Normalization), as
+    /// <c>torchvision.models</c> is for TorchSharp: ResNet v1 and v2 of depth 18 to 152 with the official module names
+    /// (state-dict keys exactly the official ones, without the DataParallel prefix) and official semantics in every
+    /// SwitchNorm layer, so the official checkpoints load with <see cref="SwitchNormTools.LoadPyTorch"/> and compute the
+    /// official numbers. Inputs are (N, 3, 224, 224) (the official 7x7 average pooling).
+    /// </summary>
+    public static class models
+    {
+        /// <summary>The official ResNet-18 v1 with SN (resnetv1sn18).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">Whether each block's last SN weight starts at 0. Default true, as the official ResNetV1SN.</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv1sn18(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = true) =>
+            global::SwitchNorm.Zoo.V1(18, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-34 v1 with SN (resnetv1sn34).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">Whether each block's last SN weight starts at 0. Default true, as the official ResNetV1SN.</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv1sn34(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = true) =>
+            global::SwitchNorm.Zoo.V1(34, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-50 v1 with SN (resnetv1sn50).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">Whether each block's last SN weight starts at 0. Default true, as the official ResNetV1SN.</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv1sn50(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = true) =>
+            global::SwitchNorm.Zoo.V1(50, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-101 v1 with SN (resnetv1sn101).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">Whether each block's last SN weight starts at 0. Default true, as the official ResNetV1SN.</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv1sn101(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = true) =>
+            global::SwitchNorm.Zoo.V1(101, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-152 v1 with SN (resnetv1sn152).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">Whether each block's last SN weight starts at 0. Default true, as the official ResNetV1SN.</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv1sn152(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = true) =>
+            global::SwitchNorm.Zoo.V1(152, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-18 v2 with SN (resnetv2sn18).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">The official ResNetV2SN has none; must be false (the default).</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv2sn18(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = false) =>
+            global::SwitchNorm.Zoo.V2(18, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-34 v2 with SN (resnetv2sn34).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">The official ResNetV2SN has none; must be false (the default).</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv2sn34(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = false) =>
+            global::SwitchNorm.Zoo.V2(34, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-50 v2 with SN (resnetv2sn50).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">The official ResNetV2SN has none; must be false (the default).</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv2sn50(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = false) =>
+            global::SwitchNorm.Zoo.V2(50, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-101 v2 with SN (resnetv2sn101).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">The official ResNetV2SN has none; must be false (the default).</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv2sn101(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = false) =>
+            global::SwitchNorm.Zoo.V2(101, num_classes, using_bn, using_moving_average, last_gamma);
+
+        /// <summary>The official ResNet-152 v2 with SN (resnetv2sn152).</summary>
+        /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
+        /// <param name="using_bn">Whether the SN layers mix BN; false gives IN + LN, as the official (8,1) model. Default true.</param>
+        /// <param name="using_moving_average">Whether the running statistics are a moving average (false: raw sums). Default true.</param>
+        /// <param name="last_gamma">The official ResNetV2SN has none; must be false (the default).</param>
+        public static torch.nn.Module<Tensor, Tensor> resnetv2sn152(long num_classes = 1000, bool using_bn = true, bool using_moving_average = true, bool last_gamma = false) =>
+            global::SwitchNorm.Zoo.V2(152, num_classes, using_bn, using_moving_average, last_gamma);
     }
 }

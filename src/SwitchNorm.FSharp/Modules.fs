@@ -211,6 +211,10 @@ type SwitchNormNd
 
     let k = int64 (List.length spec.Components)
 
+    // the official modules keep running statistics only when they mix BN
+    let trackRunningStats =
+        trackRunningStats && (spec.Semantics = Semantics.Default || spec.UsesBatch)
+
     let dt =
         if dtype.HasValue then
             dtype.Value
@@ -248,7 +252,14 @@ type SwitchNormNd
 
         if trackRunningStats then
             this.register_buffer ("running_mean", keep (torch.zeros (numFeatures, dtype = dt, device = device)))
-            this.register_buffer ("running_var", keep (torch.ones (numFeatures, dtype = dt, device = device)))
+            // the official modules start running_var at zeros, BatchNorm at ones
+            let var0 =
+                if spec.Semantics = Semantics.Official then
+                    torch.zeros (numFeatures, dtype = dt, device = device)
+                else
+                    torch.ones (numFeatures, dtype = dt, device = device)
+
+            this.register_buffer ("running_var", keep var0)
             // int64 whatever the dtype, as PyTorch's BatchNorm keeps it; the official SN modules have none
             if spec.Semantics = Semantics.Default then
                 this.register_buffer ("num_batches_tracked", keep (torch.tensor (0L, dtype = torch.ScalarType.Int64, device = device)))
