@@ -43,12 +43,16 @@ let private fixtures =
         (if not (File.Exists python) then
              failwith "/usr/bin/python3 is missing: the interop tests need Debian's python3-torch (tests/run-all.sh installs it)."
 
-         let dir =
-             Path.Combine(Path.GetTempPath(), $"switchnorm-interop-{Environment.ProcessId}")
+         // written by the test command already, or here
+         match Environment.GetEnvironmentVariable "SWITCHNORM_INTEROP_FIXTURES" with
+         | dir when not (String.IsNullOrEmpty dir) && File.Exists(Path.Combine(dir, "legacy.pth")) -> dir
+         | _ ->
+             let dir =
+                 Path.Combine(Path.GetTempPath(), $"switchnorm-interop-{Environment.ProcessId}")
 
-         Directory.CreateDirectory dir |> ignore
-         run $"fixtures \"{dir}\"" |> ignore
-         dir)
+             Directory.CreateDirectory dir |> ignore
+             run $"fixtures \"{dir}\"" |> ignore
+             dir)
 
 let private file (name: string) = Path.Combine(fixtures.Force(), name)
 
