@@ -181,6 +181,9 @@ let main argv =
             let subjects: (string * Module) list = [
                 "BatchNorm2d", torch.nn.BatchNorm2d(c)
                 "SwitchNorm2d", fused
+                // right after the default semantics: a subject that follows the slow composed path pays for its cache
+                // and heap traffic
+                "SwitchNorm2d official", SwitchNorm2d.Official(c)
                 "SwitchNorm2d composed", composed
                 "InstanceNorm2d", torch.nn.InstanceNorm2d(c, affine = true)
                 "LayerNorm", torch.nn.LayerNorm([| c; shape[2]; shape[3] |])

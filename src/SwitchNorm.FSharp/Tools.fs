@@ -388,6 +388,16 @@ module Recalibrate =
             |> List.map snd
             |> List.filter (fun s -> s.using_bn && s.track_running_stats)
 
+        match layers |> List.filter (fun s -> s.semantics = Semantics.Official) with
+        | [] -> ()
+        | official ->
+            raise (
+                ArgumentException(
+                    $"Recalibrate.batchAverage: {official.Length} layer(s) have Semantics.Official, whose running statistics follow the official code's update (its keep factor or raw sums), not an exact average; recalibration is for Semantics.Default layers. Nothing was changed.",
+                    "model"
+                )
+            )
+
         let wasTraining = model.training
         let mutable count = 0
 
@@ -504,7 +514,8 @@ module Folding =
     /// The plain layer that computes what <paramref name="sn"/> computes in eval, when its selection is one-hot:
     /// BN → BatchNorm1d/2d/3d with the running statistics (eval), IN → InstanceNorm1d/2d/3d with the per-channel affine
     /// (2d and 3d; a 1d layer's (N, C) input has no instance statistics to take), LN → GroupNorm(1, C), which is LN over
-    /// (C, *spatial) with a per-channel affine. None when the selection is mixed or has no plain equivalent.
+    /// (C, *spatial) with a per-channel affine. None when the selection is mixed or has no plain equivalent (with
+    /// Semantics.Official only BN has one: the official IN and LN variances are not the biased ones those layers use).
     /// </summary>
     let internal plainOf (sn: SwitchNormNd) : torch.nn.Module<torch.Tensor, torch.Tensor> option =
         let c = sn.num_features
@@ -531,11 +542,15 @@ module Folding =
             (use _ = torch.no_grad ()
              bn.running_mean.copy_ (sn.running_mean) |> ignore
              bn.running_var.copy_ (sn.running_var) |> ignore
-             bn.num_batches_tracked.copy_ (sn.num_batches_tracked) |> ignore)
+             // the official modules have no counter
+             if not (isNull sn.num_batches_tracked) then
+                 bn.num_batches_tracked.copy_ (sn.num_batches_tracked) |> ignore)
 
             bn.eval () |> ignore
             Some(bn :> torch.nn.Module<torch.Tensor, torch.Tensor>)
-        | Some "IN" when dims sn > 1 ->
+        // with official semantics IN's variance is unbiased and LN's derived from it: InstanceNorm and GroupNorm
+        // compute biased ones, so only a BN selection has a plain equivalent
+        | Some "IN" when dims sn > 1 && sn.semantics = Semantics.Default ->
             let inorm: torch.nn.Module<torch.Tensor, torch.Tensor> =
                 if dims sn = 3 then
                     torch.nn.InstanceNorm3d(c, sn.eps, affine = affine, device = dev, dtype = dt)
@@ -547,7 +562,7 @@ module Folding =
 
             inorm.eval () |> ignore
             Some inorm
-        | Some "LN" ->
+        | Some "LN" when sn.semantics = Semantics.Default ->
             let gn =
                 torch.nn.GroupNorm(1L, c, sn.eps, affine = affine, device = dev, dtype = dt)
 

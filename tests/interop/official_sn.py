@@ -5,6 +5,7 @@ their parameter names, shapes and formulas, for the interop tests against a real
 
     official_sn.py fixtures DIR   writes the files the .NET tests load (official layout, nested and flat, legacy, ...)
     official_sn.py check DIR      loads the files the .NET tests wrote and checks them against this code
+    official_sn.py resnet50 DIR   writes a nested resnetv1sn50 checkpoint (for bench/official-load-timing.fsx)
 
 The formulas, per the official code: IN mean and *unbiased* variance per (n, c) row; LN and BN means are means of the
 IN means, and their variances mean(var_in + mean_in^2) - mean^2 over channels (LN) or samples (BN). The 1d module mixes
@@ -256,6 +257,18 @@ def fixtures(out):
     print('fixtures written to', out)
 
 
+def resnet50(out):
+    """A resnetv1sn50 checkpoint as the official training script writes it, for bench/official-load-timing.fsx."""
+    os.makedirs(out, exist_ok=True)
+    net = ResNetSN(1, 50)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 224, 224)).sum().backward()
+    sgd.step()
+    ckpt = {'epoch': 100, 'arch': 'resnetv1sn50', 'best_prec1': 77.49, 'optimizer': sgd.state_dict(),
+            'state_dict': {'module.' + k: v for k, v in net.state_dict().items()}}
+    torch.save(ckpt, os.path.join(out, 'resnetv1sn50_nested.pth'))
+
+
 def check(d):
     """Loads what the .NET side wrote (official layout, DataParallel prefix, nested or flat) and compares outputs."""
     failures = 0
@@ -285,4 +298,4 @@ def check(d):
 
 if __name__ == '__main__':
     torch.set_num_threads(2)
-    {'fixtures': fixtures, 'check': check}[sys.argv[1]](sys.argv[2])
+    {'fixtures': fixtures, 'check': check, 'resnet50': resnet50}[sys.argv[1]](sys.argv[2])
