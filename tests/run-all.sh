@@ -90,14 +90,20 @@ readme_fsharp() {
 check "README.md's F# example runs" readme_fsharp
 
 job=samples/SwitchNorm.Experiment/bin/Release/net10.0/switchnorm-fashion.dll
-main_job_smoke() {
+main_job_smoke() { # two seeds, batch sizes 1 and 8: files, one row per run, and a 95% interval per configuration
     local out
     out="$(mktemp -d)"
-    dotnet "$job" --max-steps 30 -n bn gn sn ssn -b 2 8 --recalibration-images 64 -o "$out" || return 1
-    for f in results.json results.csv mixtures.csv accuracy.md accuracy.png mixture-sn-b2.png mixture-ssn-b8.png; do
+    dotnet "$job" --max-steps 30 -n bn gn sn ssn -b 1 8 --seeds 2 --recalibration-images 64 -o "$out" || return 1
+    for f in results.json results.csv summary.csv mixtures.csv accuracy.md accuracy.png mixture-sn-b8.png mixture-ssn-b8.png mixture-sn-inln-b1.png; do
         [ -s "$out/$f" ] || { echo "missing $out/$f"; return 1; }
     done
-    [ "$(wc -l <"$out/results.csv")" -eq 9 ] || { echo "results.csv should have a header and 8 runs"; return 1; }
+    # batch 1: gn and sn-inln (bn skipped); batch 8: bn, gn, sn, ssn; two seeds each
+    [ "$(wc -l <"$out/results.csv")" -eq 13 ] || { echo "results.csv should have a header and 12 runs"; return 1; }
+    [ "$(wc -l <"$out/summary.csv")" -eq 7 ] || { echo "summary.csv should have a header and 6 configurations"; return 1; }
+    # every configuration has its interval (columns ci95_low and ci95_high), and the JSON states the seeds
+    awk -F, 'NR > 1 && ($7 == "" || $8 == "" || $7 > $8) {bad = 1} END {exit bad}' "$out/summary.csv" || { echo "a configuration lacks its interval"; return 1; }
+    grep -q '"seeds"' "$out/results.json" && grep -q '"ci95_low"' "$out/results.json" || { echo "results.json lacks the seeds or the intervals"; return 1; }
+    grep -q '±' "$out/accuracy.md" || { echo "accuracy.md lacks the intervals"; return 1; }
 }
 refuses() { # expected message, then arguments: the job must exit with 2 and print the message
     local expected="$1"; shift
@@ -108,7 +114,7 @@ refuses() { # expected message, then arguments: the job must exit with 2 and pri
 corrupt="$(mktemp -d)"
 cp samples/SwitchNorm.Experiment/data/*.gz "$corrupt"/
 head -c 100000 samples/SwitchNorm.Experiment/data/train-images-idx3-ubyte.gz >"$corrupt/train-images-idx3-ubyte.gz"
-check "main job (30 steps per run)" main_job_smoke
+check "main job (30 steps per run, 2 seeds, batch sizes 1 and 8, intervals and every file)" main_job_smoke
 check "main job refuses a bad option" refuses "unknown normalizer 'xx'" -n bn xx
 check "main job refuses a missing data folder" refuses "does not exist" --data-dir /nonexistent/fashion
 check "main job refuses a truncated data file" refuses "train-images-idx3-ubyte.gz: 181452 bytes for 6000 items" --data-dir "$corrupt"

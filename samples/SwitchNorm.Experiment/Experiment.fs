@@ -21,6 +21,8 @@ type Normalizer =
     | SN
     /// SwitchNorm2d with the sparsestmax switch, its radius rising from 0 to 1 over the first 80% of training
     | SSN
+    /// SwitchNorm2d without BN (using_bn = false: IN and LN only), the paper's (8,1) setting for one image per step
+    | SNInLn
 
     member this.Name =
         match this with
@@ -28,6 +30,7 @@ type Normalizer =
         | GN -> "gn"
         | SN -> "sn"
         | SSN -> "ssn"
+        | SNInLn -> "sn-inln"
 
     member this.Label =
         match this with
@@ -35,9 +38,10 @@ type Normalizer =
         | GN -> "GroupNorm (8 groups)"
         | SN -> "SwitchNorm"
         | SSN -> "SwitchNorm (sparsestmax)"
+        | SNInLn -> "SwitchNorm, IN + LN (using_bn = false)"
 
     /// Whether the normalizer keeps running statistics, so its evaluation can be recalibrated.
-    member this.Recalibrates = this <> GN
+    member this.Recalibrates = this <> GN && this <> SNInLn
 
     static member Parse(s: string) =
         match s.Trim().ToLowerInvariant() with
@@ -45,7 +49,8 @@ type Normalizer =
         | "gn" -> Ok GN
         | "sn" -> Ok SN
         | "ssn" -> Ok SSN
-        | other -> Error $"unknown normalizer '{other}'; expected bn, gn, sn or ssn"
+        | "sn-inln" -> Ok SNInLn
+        | other -> Error $"unknown normalizer '{other}'; expected bn, gn, sn, ssn or sn-inln"
 
 /// <summary>
 /// A normalization layer with a recorder: while recording, it merges the exact per-channel moments (count, mean,
@@ -133,6 +138,7 @@ type Net(normalizer: Normalizer) as this =
             let s = new SwitchNorm2d(c)
             s.SwitchKind <- SwitchKind.Sparsestmax
             s
+        | SNInLn -> new SwitchNorm2d(c, using_bn = false)
 
     let conv1 = torch.nn.Conv2d(1L, 16L, 3L, padding = 1L)
     let norm1 = new NormSlot("norm1", makeNorm 16L)
@@ -167,6 +173,7 @@ type RunSpec = {
 type RunResult = {
     Normalizer: string
     BatchSize: int
+    Seed: int
     Epochs: int
     Steps: int
     LearningRate: float
@@ -215,6 +222,7 @@ let private recalibrationBatches (spec: RunSpec) (train: Data.Split) =
 let recalibrate (model: Net) (normalizer: Normalizer) (batches: torch.Tensor list) =
     match normalizer with
     | GN -> ()
+    | SNInLn -> ()
     | SN
     | SSN -> Recalibrate.batchAverage model batches |> ignore
     | BN ->
@@ -322,7 +330,12 @@ let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> u
                     else
                         nan
 
-                let batches = recalibrationBatches spec train
+                let batches =
+                    if spec.Normalizer.Recalibrates then
+                        recalibrationBatches spec train
+                    else
+                        []
+
                 recalibrate model spec.Normalizer batches
 
                 for t in batches do
@@ -333,6 +346,7 @@ let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> u
         Some {
             Normalizer = spec.Normalizer.Name
             BatchSize = spec.BatchSize
+            Seed = spec.Seed
             Epochs = spec.Epochs
             Steps = step
             LearningRate = lr

@@ -19,7 +19,10 @@ type Args =
     | [<AltCommandLine("-b")>] Batch_Sizes of sizes: int list
     | [<AltCommandLine("-e")>] Epochs of count: int
     | [<AltCommandLine("-s")>] Seed of seed: int
+    | Seeds of count: int
+    | Train_Images of count: int
     | [<AltCommandLine("-o")>] Output of dir: string
+    | Quick
     | Max_Steps of steps: int
     | Recalibration_Images of count: int
     | Threads of count: int
@@ -30,11 +33,15 @@ type Args =
             match a with
             | Data_Dir _ ->
                 "a directory with the four Fashion-MNIST idx files (.gz or plain), e.g. /usr/share/datasets/fashion-mnist; default: the embedded subset (6,000 train, 2,000 test)"
-            | Normalizers _ -> "normalizers to compare, among bn, gn, sn, ssn (default: bn gn sn)"
-            | Batch_Sizes _ -> "per-step batch sizes (default: 2 8 32)"
-            | Epochs _ -> "epochs per run (default: 4)"
-            | Seed _ -> "random seed for initialisation and batch order (default: 1)"
+            | Normalizers _ ->
+                "normalizers to compare, among bn, gn, sn, ssn, sn-inln (default: bn gn sn ssn; at batch size 1, bn, sn and ssn are replaced by sn-inln, SwitchNorm without BN)"
+            | Batch_Sizes _ -> "per-step batch sizes (default: 1 8 32)"
+            | Epochs _ -> "epochs per run (default: 3)"
+            | Seed _ -> "the first random seed, for initialisation and batch order (default: 1)"
+            | Seeds _ -> "seeds per configuration: seed, seed + 1, ... (default: 3)"
+            | Train_Images _ -> "train on the first N training images (default: 3000; 0 for all of them)"
             | Output _ -> "folder for results.json, results.csv, mixtures.csv and the PNG plots (default: results)"
+            | Quick -> "a quick look (about 20 s): one seed, one epoch on 1000 training images (options given explicitly win)"
             | Max_Steps _ -> "stop each run after this many steps (for a quick check)"
             | Recalibration_Images _ ->
                 "training images used for batch-average recalibration, in batches of the run's batch size (default: 3000)"
@@ -50,7 +57,7 @@ let private validate (r: ParseResults<Args>) =
             raise (UsageError $"{name} must be at least 1; got {v}")
 
     let norms =
-        r.GetResult(Normalizers, [ "bn"; "gn"; "sn" ])
+        r.GetResult(Normalizers, [ "bn"; "gn"; "sn"; "ssn" ])
         |> List.map (fun s ->
             match Normalizer.Parse s with
             | Ok n -> n
@@ -58,9 +65,10 @@ let private validate (r: ParseResults<Args>) =
         |> List.distinct
 
     if norms.IsEmpty then
-        raise (UsageError "--normalizers needs at least one of bn, gn, sn, ssn")
+        raise (UsageError "--normalizers needs at least one of bn, gn, sn, ssn, sn-inln")
 
-    let sizes = r.GetResult(Batch_Sizes, [ 2; 8; 32 ]) |> List.distinct |> List.sort
+    let quick = r.Contains Quick
+    let sizes = r.GetResult(Batch_Sizes, [ 1; 8; 32 ]) |> List.distinct |> List.sort
 
     if sizes.IsEmpty then
         raise (UsageError "--batch-sizes needs at least one size")
@@ -68,17 +76,40 @@ let private validate (r: ParseResults<Args>) =
     for b in sizes do
         positive "a batch size" b
 
-        if b < 2 && norms |> List.exists (fun n -> n = BN) then
-            raise (UsageError $"batch size {b} cannot train BatchNorm: it needs more than one value per channel")
-
-    let epochs = r.GetResult(Epochs, 4)
+    let epochs = r.GetResult(Epochs, (if quick then 1 else 3))
     positive "--epochs" epochs
     r.TryGetResult Max_Steps |> Option.iter (positive "--max-steps")
     let recal = r.GetResult(Recalibration_Images, 3000)
     positive "--recalibration-images" recal
     let threads = r.GetResult(Threads, Environment.ProcessorCount)
     positive "--threads" threads
-    norms, sizes, epochs, recal, threads
+    let seeds = r.GetResult(Seeds, (if quick then 1 else 3))
+    positive "--seeds" seeds
+    let trainImages = r.GetResult(Train_Images, (if quick then 1000 else 3000))
+
+    if trainImages < 0 then
+        raise (UsageError $"--train-images must be 0 (all) or more; got {trainImages}")
+
+    norms, sizes, epochs, recal, threads, seeds, trainImages
+
+/// <summary>
+/// The normalizers run at batch size b. At batch size 1, BN's batch statistics in training are one image's own
+/// (instance) statistics, while eval uses their running averages: the train/eval mismatch the paper avoids by
+/// dropping BN from SN there (its (8,1) models). So BN is skipped, and SN and SSN run as SwitchNorm without BN
+/// (sn-inln).
+/// </summary>
+let normalizersAt (b: int) (norms: Normalizer list) =
+    if b > 1 then
+        norms
+    else
+        norms
+        |> List.choose (fun n ->
+            match n with
+            | BN -> None
+            | SN
+            | SSN -> Some SNInLn
+            | other -> Some other)
+        |> List.distinct
 
 [<EntryPoint>]
 let main argv =
@@ -86,8 +117,9 @@ let main argv =
 
     try
         let r = parser.ParseCommandLine(argv, raiseOnUsage = true)
-        let norms, sizes, epochs, recal, threads = validate r
+        let norms, sizes, epochs, recal, threads, seedCount, trainImages = validate r
         let seed = r.GetResult(Seed, 1)
+        let seeds = [ seed .. seed + seedCount - 1 ]
         let outDir = Path.GetFullPath(r.GetResult(Output, "results"))
 
         // libtorch's oneDNN convolutions have an AVX-512 defect on some CPUs: NaN input gradients (samples/Shared/OneDnn.fs).
@@ -99,6 +131,12 @@ let main argv =
             | Some d -> Data.fromDirectory d
             | None -> Data.embedded ()
 
+        let train =
+            if trainImages > 0 && trainImages < train.Count then
+                Data.take trainImages train
+            else
+                train
+
         Directory.CreateDirectory outDir |> ignore
 
         let source =
@@ -108,8 +146,13 @@ let main argv =
 
         AnsiConsole.MarkupLine(
             $"[bold]Fashion-MNIST[/] from {Markup.Escape source}: {train.Count} training and {test.Count} test images; "
-            + $"{threads} libtorch thread(s), seed {seed}, {epochs} epoch(s) per run"
+            + $"{threads} libtorch thread(s), seeds {seed}..{seed + seedCount - 1}, {epochs} epoch(s) per run"
         )
+
+        if List.contains 1 sizes && List.contains BN norms then
+            AnsiConsole.MarkupLine(
+                "At batch size 1, BatchNorm is skipped and SwitchNorm runs without BN (sn-inln): one image's batch statistics are its instance statistics in training but running averages in eval, the mismatch the paper's (8,1) models avoid."
+            )
 
         use cts = new CancellationTokenSource()
 
@@ -120,16 +163,17 @@ let main argv =
                 cts.Cancel())
 
         let specs = [
-            for b in sizes do
-                for n in norms ->
-                    {
-                        Normalizer = n
-                        BatchSize = b
-                        Epochs = epochs
-                        MaxSteps = r.TryGetResult Max_Steps
-                        Seed = seed
-                        RecalibrationBatches = max 1 (recal / b)
-                    }
+            for s in seeds do
+                for b in sizes do
+                    for n in normalizersAt b norms ->
+                        {
+                            Normalizer = n
+                            BatchSize = b
+                            Epochs = epochs
+                            MaxSteps = r.TryGetResult Max_Steps
+                            Seed = s
+                            RecalibrationBatches = max 1 (recal / b)
+                        }
         ]
 
         let results = Collections.Generic.List<RunResult>()
@@ -151,7 +195,7 @@ let main argv =
                     |> List.map (fun s ->
                         let t =
                             ctx.AddTask(
-                                $"{s.Normalizer.Name, -3} batch {s.BatchSize, -3}",
+                                $"{s.Normalizer.Name, -7} batch {s.BatchSize, -3} seed {s.Seed}",
                                 autoStart = false,
                                 maxValue = float (stepsOf s train)
                             )
@@ -165,11 +209,11 @@ let main argv =
                         match Experiment.run s train test (fun step -> t.Value <- float step) cts.Token with
                         | Some res when res.DivergedAtStep > 0 ->
                             results.Add res
-                            t.Description <- $"{s.Normalizer.Name, -3} batch {s.BatchSize, -3} diverged at step {res.DivergedAtStep}"
+                            t.Description <- $"{s.Normalizer.Name, -7} batch {s.BatchSize, -3} seed {s.Seed} diverged at step {res.DivergedAtStep}"
                             t.StopTask()
                         | Some res ->
                             results.Add res
-                            t.Description <- $"{s.Normalizer.Name, -3} batch {s.BatchSize, -3} {100.0 * res.TestAccuracy:F1}%%"
+                            t.Description <- $"{s.Normalizer.Name, -7} batch {s.BatchSize, -3} seed {s.Seed} {100.0 * res.TestAccuracy:F1}%%"
                             t.StopTask()
                         | None -> t.StopTask())
 
@@ -183,7 +227,7 @@ let main argv =
             AnsiConsole.Write(Report.recalibrationTable results)
 
             if results |> List.exists (fun r -> r.Mixtures.Length > 0) then
-                AnsiConsole.Write(Report.mixtureTable results)
+                AnsiConsole.Write(Report.mixtureTable (Report.firstSeed results))
 
             let settings = {|
                 data = source
@@ -191,7 +235,10 @@ let main argv =
                 test_images = test.Count
                 epochs = epochs
                 max_steps = r.TryGetResult Max_Steps |> Option.toNullable
-                seed = seed
+                seeds = seeds
+                batch_sizes = sizes
+                normalizers = norms |> List.map (fun n -> n.Name)
+                at_batch_size_1 = "bn skipped; sn and ssn run as sn-inln (SwitchNorm without BN)"
                 threads = threads
                 recalibration_images = recal
                 optimizer = "SGD, momentum 0.9, learning rate 0.1 x batch/32, cosine decay to 0, no weight decay"
@@ -206,10 +253,10 @@ let main argv =
                     []
                 else
                     Report.plotAccuracy (Path.Combine(outDir, "accuracy.png")) results
-                    Path.Combine(outDir, "accuracy.png") :: Report.plotMixtures outDir results
+                    Path.Combine(outDir, "accuracy.png") :: Report.plotMixtures outDir (Report.firstSeed results)
 
             AnsiConsole.MarkupLine(
-                $"Wrote results.json, results.csv, mixtures.csv, accuracy.md and {plots.Length} plot(s) to {Markup.Escape outDir}"
+                $"Wrote results.json, results.csv, summary.csv, mixtures.csv, accuracy.md and {plots.Length} plot(s) to {Markup.Escape outDir}"
             )
 
         if cts.IsCancellationRequested then 130 else 0
