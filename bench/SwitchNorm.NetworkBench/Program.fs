@@ -4,7 +4,7 @@
 /// forward, cross-entropy, backward, SGD step) and eval forward, float32, at (8,3,224,224) and (32,3,64,64), 1 and 2
 /// threads, with glibc's default malloc (as a user's application has it). Subjects alternate within each repetition;
 /// ratios are medians of the per-repetition ratios to the BN network.
-///   dotnet run -c Release --project bench/SwitchNorm.NetworkBench [-- --reps N]
+///   dotnet run -c Release --project bench/SwitchNorm.NetworkBench [-- --reps N] [--threads T] [--shape N,C,H,W] [--mallopt]
 module Program
 
 open System
@@ -15,11 +15,15 @@ open SwitchNorm.FSharp
 
 type Net = torch.nn.Module<torch.Tensor, torch.Tensor>
 
+[<System.Runtime.InteropServices.DllImport("libc.so.6")>]
+extern int mallopt(int param, int value)
+
 let median (xs: float list) =
     let a = List.sort xs |> Array.ofList
     a[a.Length / 2]
 
-let resnet () : Net = torchvision.models.resnet18 (num_classes = 10)
+let resnet () : Net =
+    torchvision.models.resnet18 (num_classes = 10)
 
 let groupNorm () : Net =
     torchvision.models.resnet18 (
@@ -46,7 +50,10 @@ let folded () : Net =
     for (_, sn) in Mixture.modules m do
         use _ = torch.no_grad ()
         let k = sn.mean_weight.shape[0]
-        let hot = torch.tensor (Array.init (int k) (fun i -> if i = int k - 1 then 10.0 else 0.0))
+
+        let hot =
+            torch.tensor (Array.init (int k) (fun i -> if i = int k - 1 then 10.0 else 0.0))
+
         sn.mean_weight.copy_ hot |> ignore
         sn.var_weight.copy_ hot |> ignore
         sn.SwitchKind <- SwitchKind.Sparsestmax
@@ -67,19 +74,42 @@ let main argv =
         | Some i -> int argv[i + 1]
         | None -> 7
 
-    let shapes = [ [| 8L; 3L; 224L; 224L |]; [| 32L; 3L; 64L; 64L |] ]
+    let arg (name: string) =
+        Array.tryFindIndex ((=) name) argv |> Option.map (fun i -> argv[i + 1])
+
+    // --mallopt: keep freed memory in the heap (M_TRIM_THRESHOLD 1 GB, M_MMAP_THRESHOLD 32 MB), as the layer benchmark
+    // does by default, to see what the first touch of freshly mapped memory costs each network
+    let mallopts = Array.contains "--mallopt" argv
+
+    if mallopts then
+        mallopt (-1, 1 <<< 30) |> ignore
+        mallopt (-3, 32 <<< 20) |> ignore
+
+    let shapes =
+        match arg "--shape" with
+        | Some s -> [ s.Split ',' |> Array.map int64 ]
+        | None -> [ [| 8L; 3L; 224L; 224L |]; [| 32L; 3L; 64L; 64L |] ]
+
+    let threadCounts =
+        match arg "--threads" with
+        | Some t -> [ int t ]
+        | None -> [ 1; 2 ]
 
     printfn
-        "date %s, TorchVision resnet18 (10 classes), float32, CPU (%d logical cores), glibc's default malloc; median of %d repetitions after 2 warm-up rounds; x BN is the median of the per-repetition ratios to the BN network"
+        "date %s, TorchVision resnet18 (10 classes), float32, CPU (%d logical cores), %s; median of %d repetitions after 2 warm-up rounds; x BN is the median of the per-repetition ratios to the BN network"
         (DateTime.UtcNow.ToString "yyyy-MM-dd")
         Environment.ProcessorCount
+        (if mallopts then
+             "mallopt: freed memory kept in the heap"
+         else
+             "glibc's default malloc")
         reps
 
     printfn ""
     printfn "| threads | input | network | train step ms | x BN | eval forward ms | x BN |"
     printfn "|---|---|---|---|---|---|---|"
 
-    for threads in [ 1; 2 ] do
+    for threads in threadCounts do
         torch.set_num_threads threads
 
         for shape in shapes do
@@ -96,7 +126,9 @@ let main argv =
 
             let optimizers =
                 subjects
-                |> List.map (fun (_, t, _) -> t |> Option.map (fun (m: Net) -> torch.optim.SGD(m.parameters (), 0.01, momentum = 0.9)))
+                |> List.map (fun (_, t, _) ->
+                    t
+                    |> Option.map (fun (m: Net) -> torch.optim.SGD(m.parameters (), 0.01, momentum = 0.9)))
 
             let trainStep (m: Net) (opt: torch.optim.Optimizer) () =
                 use _ = torch.NewDisposeScope()
@@ -118,8 +150,11 @@ let main argv =
                 sw.Elapsed.TotalMilliseconds
 
             // rounds of every subject, alternating; the first two are warm-up
-            let trainTimes = Array.init subjects.Length (fun _ -> Collections.Generic.List<float>())
-            let evalTimes = Array.init subjects.Length (fun _ -> Collections.Generic.List<float>())
+            let trainTimes =
+                Array.init subjects.Length (fun _ -> Collections.Generic.List<float>())
+
+            let evalTimes =
+                Array.init subjects.Length (fun _ -> Collections.Generic.List<float>())
 
             for round in 1 .. reps + 2 do
                 subjects

@@ -209,11 +209,17 @@ let main argv =
                         match Experiment.run s train test (fun step -> t.Value <- float step) cts.Token with
                         | Some res when res.DivergedAtStep > 0 ->
                             results.Add res
-                            t.Description <- $"{s.Normalizer.Name, -7} batch {s.BatchSize, -3} seed {s.Seed} diverged at step {res.DivergedAtStep}"
+
+                            t.Description <-
+                                $"{s.Normalizer.Name, -7} batch {s.BatchSize, -3} seed {s.Seed} diverged at step {res.DivergedAtStep}"
+
                             t.StopTask()
                         | Some res ->
                             results.Add res
-                            t.Description <- $"{s.Normalizer.Name, -7} batch {s.BatchSize, -3} seed {s.Seed} {100.0 * res.TestAccuracy:F1}%%"
+
+                            t.Description <-
+                                $"{s.Normalizer.Name, -7} batch {s.BatchSize, -3} seed {s.Seed} {100.0 * res.TestAccuracy:F1}%%"
+
                             t.StopTask()
                         | None -> t.StopTask())
 
@@ -253,7 +259,9 @@ let main argv =
                     []
                 else
                     Report.plotAccuracy (Path.Combine(outDir, "accuracy.png")) results
-                    Path.Combine(outDir, "accuracy.png") :: Report.plotMixtures outDir (Report.firstSeed results)
+
+                    Path.Combine(outDir, "accuracy.png")
+                    :: Report.plotMixtures outDir (Report.firstSeed results)
 
             AnsiConsole.MarkupLine(
                 $"Wrote results.json, results.csv, summary.csv, mixtures.csv, accuracy.md and {plots.Length} plot(s) to {Markup.Escape outDir}"

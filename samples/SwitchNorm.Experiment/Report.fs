@@ -33,7 +33,10 @@ let private find (results: RunResult list) n b =
 /// Student's t quantile t(0.975, df), for 95% intervals of a mean over df + 1 seeds.
 let tQuantile (df: int) =
     let table = [| 12.706; 4.303; 3.182; 2.776; 2.571; 2.447; 2.365; 2.306; 2.262; 2.228 |]
-    if df < 1 then nan elif df <= table.Length then table[df - 1] else 1.96
+
+    if df < 1 then nan
+    elif df <= table.Length then table[df - 1]
+    else 1.96
 
 /// The runs of one normalizer at one batch size, over seeds.
 type Summary = {
@@ -328,7 +331,8 @@ let writeCsv (dir: string) (results: RunResult list) =
                     yield
                         String.Join(
                             ",",
-                            [| r.Normalizer; string r.BatchSize; string r.Seed; layerName m; stat |] |> Array.append
+                            [| r.Normalizer; string r.BatchSize; string r.Seed; layerName m; stat |]
+                            |> Array.append
                             <| padded
                         )
     ]
@@ -352,11 +356,23 @@ let plotAccuracy (path: string) (results: RunResult list) =
 
     normalizers results
     |> List.iteri (fun i n ->
-        let ss = sums |> List.filter (fun s -> s.Normalizer = n) |> List.sortBy (fun s -> s.BatchSize)
+        let ss =
+            sums
+            |> List.filter (fun s -> s.Normalizer = n)
+            |> List.sortBy (fun s -> s.BatchSize)
         // a little apart along x, so that intervals at the same batch size do not hide each other
-        let xs = ss |> List.map (fun s -> Math.Log2(float s.BatchSize) + 0.04 * float (i - 2)) |> Array.ofList
+        let xs =
+            ss
+            |> List.map (fun s -> Math.Log2(float s.BatchSize) + 0.04 * float (i - 2))
+            |> Array.ofList
+
         let ys = ss |> List.map (fun s -> 100.0 * s.Mean) |> Array.ofList
-        let es = ss |> List.map (fun s -> if Double.IsNaN s.Half then 0.0 else 100.0 * s.Half) |> Array.ofList
+
+        let es =
+            ss
+            |> List.map (fun s -> if Double.IsNaN s.Half then 0.0 else 100.0 * s.Half)
+            |> Array.ofList
+
         let color = palette[i % palette.Length]
         let s = plt.Add.Scatter(xs, ys)
         s.LegendText <- n
