@@ -385,10 +385,13 @@ module PyTorch =
         let tmp = path + ".tmp"
 
         try
-            if path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) then
-                TorchSharp.PyBridge.Safetensors.SaveStateDict(tmp, d)
-            else
-                TorchSharp.PyBridge.PyTorchPickler.PickleStateDict(tmp, d)
+            // through a stream of our own: PyBridge's path overloads do not truncate an existing file
+            (use fs = File.Create tmp
+
+             if path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) then
+                 TorchSharp.PyBridge.Safetensors.SaveStateDict(fs, d, true)
+             else
+                 TorchSharp.PyBridge.PyTorchPickler.PickleStateDict(fs, d, true))
 
             File.Move(tmp, path, true)
         finally

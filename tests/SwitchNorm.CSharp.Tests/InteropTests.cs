@@ -59,6 +59,14 @@ namespace SwitchNorm.CSharp.Tests
                 using (no_grad()) Assert.True(again.forward(x).eq(y).all().item<bool>(), name);
             }
 
+            // a smaller file written over a larger one is complete (PyBridge's own path overloads do not truncate)
+            var small = OfficialSwitchNorm2d(8);
+            small.SavePyTorch(Path.Combine(dir, "a.pt.over"));
+            net.SavePyTorch(Path.Combine(dir, "over.pt"));
+            small.SavePyTorch(Path.Combine(dir, "over.pt"));
+            var reread = OfficialSwitchNorm2d(8);
+            Assert.Empty(reread.LoadPyTorch(Path.Combine(dir, "over.pt")).missing_keys);
+
             // all or nothing: a file of another architecture changes nothing
             var other = models.resnetv2sn18(num_classes: 10);
             var before = other.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.clone());
