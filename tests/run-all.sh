@@ -9,7 +9,8 @@
 #   6. run SyncSwitchNorm2d under mpirun with 2 and 4 ranks and the data-parallel example, installing OpenMPI first
 #      when it is missing;
 #   7. pack the libraries and use them from an empty NuGet folder: a C# console project and an F# script;
-#   8. check the F# formatting with Fantomas.
+#   8. build the documentation site (fsdocs) and check its links and rendering;
+#   9. check the F# formatting with Fantomas.
 # Exits non-zero when anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -159,6 +160,8 @@ fi
 # Consumers: the packages from `dotnet pack` at the root, used from an empty NuGet folder by a C# console project and
 # an F# script that import no file of the repository.
 check "consumers from the packed feed: a C# console project (resnet18 converted, trained, saved, loaded), a dotnet fsi script with #r \"nuget: SwitchNorm.FSharp\", and an application without a backend (a clear message)" bash tests/consumers/run.sh
+
+check "documentation site: fsdocs --strict (guides and API reference), no broken links, index and an API page rendered by headless Chromium" bash docs/build-site.sh "$results/site"
 
 check "fantomas --check" dotnet fantomas --check src tests samples fsi-scripts bench
 

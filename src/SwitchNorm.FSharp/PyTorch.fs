@@ -230,7 +230,12 @@ module PyTorch =
         | _ -> None
 
     /// <summary>
-    /// Loads a PyTorch file into <paramref name="model"/> all or nothing: see <c>LoadPyTorch</c> in the C# tools.
+    /// Loads a PyTorch file (see <c>readStateDict</c>) into <paramref name="model"/>, all or nothing: the official
+    /// SwitchNorm shapes ((1, C, 1, 1), (1, C, 1), (1, C), (1, C, 1, 1, 1)) are mapped onto the module's [C] for layers
+    /// with Semantics.Official, a missing num_batches_tracked keeps its value, and every key, shape and dtype is
+    /// checked before anything is written; every problem is listed in one InvalidDataException. An official checkpoint
+    /// loaded into layers with Semantics.Default is refused with what to build instead. With
+    /// <paramref name="strict"/> false, missing and unexpected keys are returned instead of refused.
     /// </summary>
     [<CompiledName("Load")>]
     let load (strict: bool) (path: string) (model: torch.nn.Module) : PyTorchLoadResult =
