@@ -129,7 +129,14 @@ module Functional =
             let s = x.numel () / (x.size 0 * c)
             let kinds = Statistics.kinds spec.Components batchFromInput
 
-            match Statistics.estimatorProblem (Statistics.estimator spec) kinds c s valuesPerChannel with
+            // across ranks, the batch's count per channel is the global one, agreed on later: not checked here
+            let perChannel =
+                if spec.Scope = Scope.Local then
+                    valuesPerChannel
+                else
+                    Int64.MaxValue
+
+            match Statistics.estimatorProblem (Statistics.estimator spec) kinds c s perChannel with
             | Some problem -> invalidArg "input" $"{layer}: {problem} (input shape {Checks.shapeText x.shape})."
             | None -> ()
 
@@ -302,7 +309,7 @@ module Functional =
                     {
                         Count = b.Count
                         Mean = row b.Mean
-                        M2 = row (b.Var |> Array.map (fun v -> v * b.Count))
+                        M2 = row (b.Var |> Array.map (fun v -> v * est.Divisor b.Count))
                     })
 
             {

@@ -49,21 +49,38 @@ module PyTorch =
         use fs = File.OpenRead path
         let head = Array.zeroCreate<byte> 9
         let n = fs.Read(head, 0, 9)
+        // safetensors: an 8-byte little-endian header length that fits the file, then the JSON header's '{'
+        let headerLength = if n >= 8 then BitConverter.ToUInt64(head, 0) else 0UL
 
-        if
-            n >= 4
-            && head[0] = 0x50uy
-            && head[1] = 0x4Buy
-            && head[2] = 0x03uy
-            && head[3] = 0x04uy
-        then
-            Zip
-        elif n >= 2 && head[0] = 0x80uy && head[1] <= 5uy then
-            Legacy
-        elif n = 9 && head[8] = byte '{' then
-            Safetensors
-        else
-            Unknown
+        let format =
+            if
+                n >= 4
+                && head[0] = 0x50uy
+                && head[1] = 0x4Buy
+                && head[2] = 0x03uy
+                && head[3] = 0x04uy
+            then
+                Zip
+            elif
+                n = 9
+                && head[8] = byte '{'
+                && headerLength >= 2UL
+                && headerLength <= uint64 (fs.Length - 8L)
+            then
+                Safetensors
+            // the legacy format starts with the pickled magic number: PROTO 2, LONG1 of 10 bytes
+            elif
+                n >= 4
+                && head[0] = 0x80uy
+                && head[1] = 0x02uy
+                && head[2] = 0x8Auy
+                && head[3] = 0x0Auy
+            then
+                Legacy
+            else
+                Unknown
+
+        format, BitConverter.ToString(head, 0, n)
 
     /// Disposes every tensor in an unpickled object graph.
     let rec private disposeAll (o: obj) =
@@ -81,7 +98,8 @@ module PyTorch =
     /// <summary>
     /// The state dict in a PyTorch file: a flat dict of tensors, or a checkpoint dict holding one under
     /// <c>state_dict</c> or <c>model</c> (the rest, such as the optimizer's state, is read and dropped), with a
-    /// DataParallel <c>module.</c> prefix stripped when every key has it. The tensors are the caller's to dispose.
+    /// the keys as the file has them (<c>load</c> strips a DataParallel <c>module.</c> prefix). The tensors are the
+    /// caller's to dispose.
     /// </summary>
     /// <exception cref="T:System.IO.InvalidDataException">A legacy (pre-1.6) file (with the re-save recipe), a pickled
     /// whole model, a file that is not a PyTorch file, or a dict without a state dict.</exception>
@@ -95,8 +113,10 @@ module PyTorch =
         if not (File.Exists path) then
             raise (FileNotFoundException($"PyTorch.readStateDict: no file at '{path}'.", path))
 
+        let format, firstBytes = formatOf path
+
         let flat: Dictionary<string, torch.Tensor> =
-            match formatOf path with
+            match format with
             | Legacy ->
                 raise (
                     InvalidDataException(
@@ -106,7 +126,7 @@ module PyTorch =
             | Unknown ->
                 raise (
                     InvalidDataException(
-                        $"'{path}' is neither a torch.save zip file (.pt, .pth) nor a .safetensors file (its first bytes match neither)."
+                        $"'{path}' is neither a torch.save zip file (.pt, .pth) nor a .safetensors file (an 8-byte header length, then '{{'); its first bytes are {firstBytes}."
                     )
                 )
             | Safetensors ->
@@ -117,7 +137,8 @@ module PyTorch =
             | Zip ->
                 let root =
                     try
-                        box (TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict path)
+                        (use stream = File.OpenRead path
+                         box (TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict(stream, true)))
                     with
                     | :? NotImplementedException as e when e.Message.Contains "entire model" ->
                         raise (
@@ -152,6 +173,7 @@ module PyTorch =
                     match inner with
                     | Some(_, h) -> h
                     | None when isStateDict table -> table
+                    | None when table.Count = 0 -> raise (InvalidDataException($"'{path}' holds an empty dict: no state dict to load."))
                     | None ->
                         let keys =
                             table.Keys
@@ -171,10 +193,14 @@ module PyTorch =
                 let d = Dictionary<string, torch.Tensor>()
                 let others = List<string>()
 
+                let nonTensors = List<obj>()
+
                 for k in chosen.Keys do
                     match chosen[k] with
                     | :? torch.Tensor as t -> d[string k] <- t
-                    | _ -> others.Add(string k)
+                    | v ->
+                        others.Add(string k)
+                        nonTensors.Add v
 
                 // the rest of a checkpoint (optimizer state, epoch, ...) is not loaded
                 if not (obj.ReferenceEquals(table, chosen)) then
@@ -186,6 +212,9 @@ module PyTorch =
                     for t in d.Values do
                         t.Dispose()
 
+                    for v in nonTensors do
+                        disposeAll v
+
                     raise (
                         InvalidDataException(
                             (let names = String.Join(", ", others) in
@@ -195,17 +224,28 @@ module PyTorch =
 
                 d
 
+        flat
+
+    /// <summary>
+    /// The source with a DataParallel <c>module.</c> prefix removed, when every source key has it and no key of the
+    /// target does (as PyTorch's consume_prefix_in_state_dict_if_present), else the source itself.
+    /// </summary>
+    let private withoutPrefix (target: IDictionary<string, torch.Tensor>) (source: Dictionary<string, torch.Tensor>) =
         let prefix = "module."
 
-        if flat.Count > 0 && flat.Keys |> Seq.forall (fun k -> k.StartsWith prefix) then
+        if
+            source.Count > 0
+            && source.Keys |> Seq.forall (fun k -> k.StartsWith prefix)
+            && not (target.Keys |> Seq.exists (fun k -> k.StartsWith prefix))
+        then
             let d = Dictionary<string, torch.Tensor>()
 
-            for kv in flat do
+            for kv in source do
                 d[kv.Key.Substring prefix.Length] <- kv.Value
 
             d
         else
-            flat
+            source
 
     /// The SwitchNorm layers of a model by key prefix ("" for the model itself).
     let private switchNormLayers (model: torch.nn.Module) = [
@@ -223,10 +263,10 @@ module PyTorch =
         let c = layer.num_features
 
         match layer, tensor with
-        | :? SwitchNorm1d, _ -> Some [| 1L; c |]
-        | _, ("running_mean" | "running_var") -> Some [| 1L; c; 1L |]
+        | :? SwitchNorm1d, ("weight" | "bias" | "running_mean" | "running_var") -> Some [| 1L; c |]
+        | (:? SwitchNorm2d | :? SwitchNorm3d), ("running_mean" | "running_var") -> Some [| 1L; c; 1L |]
         | :? SwitchNorm3d, ("weight" | "bias") -> Some [| 1L; c; 1L; 1L; 1L |]
-        | _, ("weight" | "bias") -> Some [| 1L; c; 1L; 1L |]
+        | :? SwitchNorm2d, ("weight" | "bias") -> Some [| 1L; c; 1L; 1L |]
         | _ -> None
 
     /// <summary>
@@ -242,11 +282,12 @@ module PyTorch =
         if isNull model then
             nullArg "model"
 
-        let source = readStateDict path
+        let raw = readStateDict path
         let reshaped = List<torch.Tensor>()
 
         try
             let target = model.state_dict ()
+            let source = withoutPrefix target raw
             let problems = List<string>()
             let layers = switchNormLayers model
             let mapped = Dictionary<string, torch.Tensor>()
@@ -313,7 +354,7 @@ module PyTorch =
                 UnexpectedKeys = mapped.Keys |> Seq.filter (fun k -> not (target.ContainsKey k)) |> List.ofSeq
             }
         finally
-            for t in Seq.append source.Values reshaped do
+            for t in Seq.append raw.Values reshaped do
                 t.Dispose()
 
     /// <summary>
@@ -342,6 +383,25 @@ module PyTorch =
                 layers
                 |> List.filter (fun (_, sn) -> sn.semantics <> Semantics.Official)
                 |> List.map fst
+
+            let generic =
+                layers
+                |> List.filter (fun (_, sn) -> not (sn :? SwitchNorm1d || sn :? SwitchNorm2d || sn :? SwitchNorm3d))
+                |> List.map fst
+
+            if not generic.IsEmpty then
+                let names =
+                    generic
+                    |> List.truncate 6
+                    |> List.map (fun p -> p.TrimEnd '.')
+                    |> String.concat ", "
+
+                raise (
+                    ArgumentException(
+                        $"PyTorch.save: the official layout has shapes for SwitchNorm1d, SwitchNorm2d and SwitchNorm3d only (the official modules); these layers are of another class: {names}.",
+                        "layout"
+                    )
+                )
 
             if not defaults.IsEmpty then
                 let names =
@@ -387,7 +447,8 @@ module PyTorch =
             raise (DirectoryNotFoundException($"PyTorch.save: the folder '{dir}' does not exist."))
 
         // write to a temporary file first, so a failure leaves no half-written file at path
-        let tmp = path + ".tmp"
+        let tmp =
+            Path.Combine(dir, $".{Path.GetFileName path}.{Path.GetRandomFileName()}.tmp")
 
         try
             // through a stream of our own: PyBridge's path overloads do not truncate an existing file

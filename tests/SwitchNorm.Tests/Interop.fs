@@ -325,3 +325,80 @@ let ``files written here load in PyTorch and back`` () =
         PyTorch.load true path m2 |> ignore
         Assert.True(exactEq m.running_var m2.running_var)
         Assert.Equal(1L, m2.num_batches_tracked.item<int64> ()))
+
+/// A .safetensors file whose header length starts with 0x80 (128 or 384 bytes, as Python's safetensors pads headers to
+/// multiples of 8) is read as safetensors, not mistaken for PyTorch's legacy format.
+[<Theory>]
+[<InlineData(128)>]
+[<InlineData(384)>]
+let ``safetensors files are recognised whatever their header length`` (headerLength: int) =
+    let json = """{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"""
+    let header = Text.Encoding.UTF8.GetBytes(json.PadRight headerLength)
+
+    let data =
+        Array.init 4 (fun i -> float32 (i + 1)) |> Array.collect BitConverter.GetBytes
+
+    let path =
+        Path.Combine(Path.GetTempPath(), $"switchnorm-header-{headerLength}.safetensors")
+
+    File.WriteAllBytes(path, Array.concat [ BitConverter.GetBytes(uint64 headerLength); header; data ])
+    Assert.Equal(0x80uy, File.ReadAllBytes(path)[0])
+    let d = PyTorch.readStateDict path
+    Assert.True(exactEq d["w"] (torch.tensor [| 1.0f; 2.0f; 3.0f; 4.0f |]))
+
+/// The official layout of 1d, 2d and 3d layers: the official shapes on disk (logits untouched), and back.
+[<Fact>]
+let ``official layout round trips for 1d, 2d and 3d layers`` () =
+    let dir = Directory.CreateTempSubdirectory("switchnorm-layout").FullName
+
+    let cases: (SwitchNormNd * int64[] * int64[]) list = [
+        SwitchNorm1d.Official(5L), [| 1L; 5L |], [| 1L; 5L |]
+        SwitchNorm2d.Official(5L), [| 1L; 5L; 1L; 1L |], [| 1L; 5L; 1L |]
+        SwitchNorm3d.Official(5L), [| 1L; 5L; 1L; 1L; 1L |], [| 1L; 5L; 1L |]
+    ]
+
+    for (m, affine, running) in cases do
+        m.train ()
+
+        let spatialDims =
+            match m with
+            | :? SwitchNorm1d -> 0
+            | :? SwitchNorm2d -> 2
+            | _ -> 3
+
+        let x = torch.randn (Array.append [| 4L; 5L |] (Array.create spatialDims 3L))
+        m.forward x |> ignore
+        let path = Path.Combine(dir, $"{m.LayerName}.pt")
+        PyTorch.save PyTorchLayout.Official "" path m
+        let d = PyTorch.readStateDict path
+        Assert.Equal<int64[]>(affine, d["weight"].shape)
+        Assert.Equal<int64[]>(running, d["running_var"].shape)
+        Assert.Equal<int64[]>(m.mean_weight.shape, d["mean_weight"].shape)
+
+        let again: SwitchNormNd =
+            match m with
+            | :? SwitchNorm1d -> SwitchNorm1d.Official(5L)
+            | :? SwitchNorm2d -> SwitchNorm2d.Official(5L)
+            | _ -> SwitchNorm3d.Official(5L)
+
+        PyTorch.load true path again |> ignore
+        Assert.True(exactEq m.running_var again.running_var, m.LayerName)
+
+    // a generic layer has no official shapes; an unknown file's message shows its first bytes
+    let generic =
+        Norm.layer
+            {
+                Norm.paper with
+                    Semantics = Semantics.Official
+            }
+            5L
+
+    throws<ArgumentException>
+        (fun () ->
+            PyTorch.save PyTorchLayout.Official "" (Path.Combine(dir, "g.pt")) generic
+            |> box)
+        [ "SwitchNorm1d, SwitchNorm2d and SwitchNorm3d only" ]
+
+    let junk = Path.Combine(dir, "junk.bin")
+    File.WriteAllBytes(junk, [| 1uy; 2uy; 3uy; 4uy; 5uy; 6uy; 7uy; 8uy; 9uy; 10uy |])
+    throws<InvalidDataException> (fun () -> PyTorch.readStateDict junk |> box) [ "01-02-03-04-05-06-07-08-09" ]
