@@ -90,6 +90,26 @@ readme_fsharp() {
 }
 check "README.md's F# example runs" readme_fsharp
 
+# The README's PyTorch interop C# example, compiled and run as a console project outside the repository.
+readme_interop() {
+    local d
+    d="$(mktemp -d)"
+    cat >"$d/readme-interop.csproj" <<EOF_PROJ
+<Project Sdk="Microsoft.NET.Sdk">
+  <PropertyGroup><OutputType>Exe</OutputType><TargetFramework>net10.0</TargetFramework><Nullable>enable</Nullable></PropertyGroup>
+  <ItemGroup>
+    <ProjectReference Include="$PWD/src/SwitchNorm.CSharp/SwitchNorm.CSharp.csproj" />
+    <PackageReference Include="libtorch-cpu-linux-x64" Version="2.10.0" />
+  </ItemGroup>
+</Project>
+EOF_PROJ
+    awk '/^## PyTorch interop and the official model zoo/ {sec = 1} sec && /^```csharp$/ {on = 1; sec = 0; next} /^```$/ {on = 0} on' README.md >"$d/Program.cs"
+    local out
+    out="$(cd "$d" && dotnet run -c Release 2>&1)" || { echo "$out" | tail -20; return 1; }
+    [ "$(tail -1 <<<"$out")" = "1000" ] || { echo "$out" | tail -5; return 1; }
+}
+check "README.md's PyTorch interop C# example builds and runs outside the repository" readme_interop
+
 job=samples/SwitchNorm.Experiment/bin/Release/net10.0/switchnorm-fashion.dll
 main_job_smoke() { # two seeds, batch sizes 1 and 8: files, one row per run, and a 95% interval per configuration
     local out

@@ -415,7 +415,9 @@ namespace SwitchNorm.CSharp
     /// SwitchNorm layer, so the official checkpoints load with <see cref="SwitchNormTools.LoadPyTorch"/> and compute the
     /// official numbers. Inputs are (N, 3, 224, 224) (the official 7x7 average pooling).
     /// </summary>
+#pragma warning disable CS8981 // lower-case on purpose: models.resnetv1sn50(), as torchvision.models.resnet50()
     public static class models
+#pragma warning restore CS8981
     {
         /// <summary>The official ResNet-18 v1 with SN (resnetv1sn18).</summary>
         /// <param name="num_classes">Classes of the fc layer. Default 1000.</param>
