@@ -12,11 +12,25 @@ MUTANTS = {
     # per-row, pooled and synchronized variances of the float32 row path.
     "unbiased-variance": [
         (F + "Moments.fs", "let variance (m: Moments) = m.M2 / m.Count", "let variance (m: Moments) = m.M2 / (m.Count - 1.0)"),
-        (F + "RowPath.fs", "VarScale = 1.0 / float st.S", "VarScale = 1.0 / float (st.S - 1)"),
+        # the table's divisor (Estimator.Divisor) serves the per-row scale of both schedules of the row path, the
+        # tensor path's variances and the pooled ones
+        (F + "Statistics.fs", "        | Biased\n        | UnbiasedRows -> count", "        | Biased -> count - 1.0\n        | UnbiasedRows -> count"),
         (K, "var[g] *= invCount;", "var[g] /= count - 1;"),
         (K, "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) * invCount;", "(Sum(rowM2.AsSpan(a * c, c)) + s * SumSquaredDiff(m, g)) / (count - 1);"),
-        (F + "RowPath.fs", "1.0 / float s,\n", "1.0 / float (s - 1),\n"),
         (F + "RowPath.fs", "total, meanG, m2 |> Array.map (fun v -> v / total)", "total, meanG, m2 |> Array.map (fun v -> v / (total - 1.0))"),
+    ],
+    # Semantics.Official with biased rows: the official unbiased IN variance (κ = S/(S − 1)) dropped.
+    "official-biased-rows": [
+        (F + "Statistics.fs", "| UnbiasedRows -> float s / float (s - 1)", "| UnbiasedRows -> 1.0"),
+    ],
+    # The official keep factor applied the wrong way round: keep·batch + (1 − keep)·running.
+    "official-keep-reversed": [
+        (F + "Statistics.fs", "Mean = apply r.Mean (fun o i -> (1.0 - f) * o + f * mean[i])", "Mean = apply r.Mean (fun o i -> f * o + (1.0 - f) * mean[i])"),
+        (F + "Statistics.fs", "Var = apply r.Var (fun o i -> (1.0 - f) * o + f * var[i])", "Var = apply r.Var (fun o i -> f * o + (1.0 - f) * var[i])"),
+    ],
+    # The row path's backward forgets κ on the within-row term of an official variance.
+    "official-kappa-backward": [
+        (K, "q[i] += dvq * kappa;", "q[i] += dvq;"),
     ],
     # running = f·running + (1 − f)·batch instead of (1 − f)·running + f·batch (one update for both paths).
     "momentum-reversed": [
