@@ -2,7 +2,7 @@
 // The maths on live tensors: a one-hot mixture is exactly BatchNorm, InstanceNorm or LayerNorm (checked against
 // libtorch's own functions), any mixture is the convex combination the paper defines, and the sparse switches put
 // their weights on the simplex. Exits with 1 if any check fails.
-// Run after one build: dotnet build -c Release samples/SwitchNorm.Experiment && dotnet fsi fsi-scripts/invariants.fsx
+// Run after packing (see references.fsx): dotnet fsi fsi-scripts/invariants.fsx
 #load "references.fsx"
 
 open TorchSharp

@@ -2,7 +2,7 @@
 // Train a small CNN with SwitchNorm2d on the embedded Fashion-MNIST subset for a short while, print the learned
 // mixtures and plot them as stacked bars (the paper's figure), using the experiment's own model and plotting code.
 // Run after one build: dotnet build -c Release samples/SwitchNorm.Experiment && dotnet fsi fsi-scripts/mixture-plot.fsx [steps] [png]
-#load "references.fsx"
+#load "experiment-references.fsx"
 #r "../samples/SwitchNorm.Experiment/bin/Release/net10.0/switchnorm-fashion.dll"
 #r "../samples/SwitchNorm.Experiment/bin/Release/net10.0/ScottPlot.dll"
 #r "../samples/SwitchNorm.Experiment/bin/Release/net10.0/SkiaSharp.dll"

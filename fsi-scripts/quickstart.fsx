@@ -1,6 +1,6 @@
 #!/usr/bin/env -S dotnet fsi
 // Quickstart: build a SwitchNorm2d, run it, read its mixture.
-// Run after one build: dotnet build -c Release samples/SwitchNorm.Experiment && dotnet fsi fsi-scripts/quickstart.fsx
+// Run after packing (see references.fsx): dotnet fsi fsi-scripts/quickstart.fsx
 #load "references.fsx"
 
 open TorchSharp

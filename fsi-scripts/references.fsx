@@ -1,25 +1,16 @@
-// Shared references for the scripts in this folder: the assemblies and native libraries that
-// `dotnet build -c Release samples/SwitchNorm.Experiment` puts in its output folder. Build once, then
-// `dotnet fsi fsi-scripts/quickstart.fsx`.
+// Shared references for the scripts in this folder and in docs/: SwitchNorm from its package, as a script of your own
+// gets it. The package comes from the local feed that this command makes at the root (the test command runs it):
 //
-// The native libraries are loaded by full path before TorchSharp initialises, so TorchSharp's own
-// lookup finds them already loaded (their libLibTorchSharp.so was made loadable on Debian 12 by the
-// build; see build/LibTorchSharpGlibcxxFix.targets), and no system-wide libtorch can be picked up instead.
-#r "../samples/SwitchNorm.Experiment/bin/Release/net10.0/TorchSharp.dll"
-#r "../samples/SwitchNorm.Experiment/bin/Release/net10.0/SwitchNorm.FSharp.dll"
+//     dotnet pack -c Release -o artifacts/feed -p:VersionSuffix=local.$(date +%s)
+//
+// found through the nuget.config beside the scripts ("../artifacts/feed"); the version range takes the newest local
+// pack, so a repack is always seen. libtorch's CPU backend is the application's choice, as with TorchSharp itself.
+#r "nuget: SwitchNorm.FSharp, 0.3.0-local.*"
+#r "nuget: libtorch-cpu-linux-x64, 2.10.0"
 
-open System.IO
-open System.Runtime.InteropServices
-
-let private nativeDir =
-    Path.Combine(__SOURCE_DIRECTORY__, "../samples/SwitchNorm.Experiment/bin/Release/net10.0/runtimes/linux-x64/native")
-
-if RuntimeInformation.IsOSPlatform OSPlatform.Linux then
-    if not (Directory.Exists nativeDir) then
-        failwithf "Native libraries not found in %s: run `dotnet build -c Release samples/SwitchNorm.Experiment` first." nativeDir
-
-    for lib in [ "libc10.so"; "libtorch_cpu.so"; "libtorch.so"; "libLibTorchSharp.so" ] do
-        NativeLibrary.Load(Path.Combine(nativeDir, lib)) |> ignore
+// Loads the native backend (on Debian 12, TorchSharp 0.107.0's libLibTorchSharp.so needs GLIBCXX_3.4.32: Backend.Load
+// loads a patched copy kept in ~/.local/share/switchnorm) before the first use of torch.
+SwitchNorm.Backend.Load()
 
 // libtorch's oneDNN convolutions have an AVX-512 defect on some CPUs (NaN input gradients); see OneDnn.fs.
 #load "../samples/Shared/OneDnn.fs"

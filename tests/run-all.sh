@@ -76,8 +76,15 @@ for proj in tests/SwitchNorm.Tests/SwitchNorm.Tests.fsproj tests/SwitchNorm.CSha
     fi
 done
 
+# The scripts take SwitchNorm as a package, from the local feed at artifacts/feed (fsi-scripts/nuget.config, docs/ and
+# bench/ alike), packed here with a version no earlier pack has (the scripts ask for the newest 0.3.0-local.*).
+pack_local() {
+    dotnet pack -c Release -o artifacts/feed -p:VersionSuffix="local.$(date +%s)" -nologo -clp:ErrorsOnly
+}
+check "pack the libraries into the local feed artifacts/feed for the scripts" pack_local
+
 for script in fsi-scripts/*.fsx docs/*.fsx; do
-    [ "$(basename "$script")" = "references.fsx" ] && continue
+    case "$(basename "$script")" in references.fsx | experiment-references.fsx) continue ;; esac
     check "fsi $script" dotnet fsi "$script"
 done
 
@@ -85,6 +92,8 @@ done
 readme_fsharp() {
     local d
     d="$(mktemp -d)"
+    # the package route needs the feed: a nuget.config beside the script, as fsi-scripts/ has
+    sed "s|\.\./artifacts/feed|$PWD/artifacts/feed|" fsi-scripts/nuget.config >"$d/nuget.config"
     { echo "#load \"$PWD/fsi-scripts/references.fsx\""; awk '/^## F#$/ {sec = 1} sec && /^```fsharp$/ {on = 1; sec = 0; next} /^```$/ {on = 0} on' README.md; } >"$d/readme.fsx"
     (cd "$d" && dotnet fsi readme.fsx)
 }
