@@ -3,7 +3,7 @@
 // Build once, then: dotnet fsi bench/conv-nan-repro.fsx
 // Measured 2026-11-30: (cin 1, cout 4, N 4, 6x6) 153/200 calls with NaN; (4, 4, 2, 12x12) 58/200; (8, 8, 2, 12x12),
 // (16, 32, 2, 14x14) and (1, 16, 32, 28x28) 0/200. Weight and bias gradients were always finite.
-#load "../fsi-scripts/references.fsx"
+#load "../fsi-scripts/experiment-references.fsx"
 
 open TorchSharp
 

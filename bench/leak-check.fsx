@@ -1,12 +1,12 @@
 #!/usr/bin/env -S dotnet fsi
 // Native-memory check: 10,000 training steps (forward, backward of sum(y · g), running-statistics update) of
 // SwitchNorm2d on (8,16,16,16), printing RSS and managed memory every 2000 steps. Run after
-// packing into artifacts/feed (see fsi-scripts/references.fsx):
+// `dotnet build -c Release samples/SwitchNorm.Experiment` (its references: fsi-scripts/experiment-references.fsx):
 //   dotnet fsi bench/leak-check.fsx              SwitchNorm2d, each step in a dispose scope (TorchSharp's idiom)
 //   dotnet fsi bench/leak-check.fsx noscope      SwitchNorm2d, no dispose scope: only the GC releases tensors
 //   dotnet fsi bench/leak-check.fsx bn           BatchNorm2d, the baseline (bn-noscope: without dispose scopes)
 //   dotnet fsi bench/leak-check.fsx composed     SwitchNorm2d on the composed (autograd) path
-#load "../fsi-scripts/references.fsx"
+#load "../fsi-scripts/experiment-references.fsx"
 
 open TorchSharp
 open SwitchNorm

@@ -1,8 +1,8 @@
 // How long an official ResNet-50 v1 SN checkpoint takes to load, and one eval forward of (1, 3, 224, 224).
 //   /usr/bin/python3 tests/interop/official_sn.py resnet50 /tmp/r50 && dotnet fsi bench/official-load-timing.fsx /tmp/r50
 // (the first command writes a nested, module.-prefixed checkpoint with optimizer state, as the official training
-// script does, with python3-torch; run after packing into artifacts/feed, see fsi-scripts/references.fsx)
-#load "../fsi-scripts/references.fsx"
+// script does, with python3-torch; run after `dotnet build -c Release samples/SwitchNorm.Experiment`)
+#load "../fsi-scripts/experiment-references.fsx"
 
 open System.Diagnostics
 open System.IO

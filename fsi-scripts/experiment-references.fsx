@@ -1,4 +1,5 @@
-// References for mixture-plot.fsx, which runs the experiment's own model and plotting code: the assemblies and native
+// References for mixture-plot.fsx, which runs the experiment's own model and plotting code, and for the scripts in
+// bench/ (a folder with projects, where a nuget.config naming the local feed would take part in their restore): the assemblies and native
 // libraries that `dotnet build -c Release samples/SwitchNorm.Experiment` puts in its output folder, so that the
 // experiment's assembly and the library it was built against are the same files. (The other scripts take the
 // package: references.fsx.)
