@@ -168,6 +168,20 @@ module internal ModuleSpec =
                 Semantics = semantics
         }
 
+    /// BatchNorm's momentum from the official keep factor (running = keep·running + (1 − keep)·batch): 1 − keep, as the
+    /// official code forms its factor; refused unless in [0, 1].
+    let fromKeepFactor (layer: string) (keep: float) =
+        if not (keep >= 0.0 && keep <= 1.0) then
+            raise (
+                ArgumentOutOfRangeException(
+                    "momentum",
+                    keep,
+                    $"{layer}: momentum (the official keep factor) must lie in [0, 1]; got {keep}."
+                )
+            )
+
+        1.0 - keep
+
 /// <summary>
 /// Switchable Normalization as a TorchSharp module (Luo et al., "Differentiable Learning-to-Normalize via
 /// Switchable Normalization", ICLR 2019). One implementation for every dimension count: the 1d/2d/3d classes
@@ -739,19 +753,10 @@ type SwitchNorm1d
             [<Optional>] device: torch.Device,
             [<Optional>] dtype: Nullable<torch.ScalarType>
         ) =
-        if not (momentum >= 0.0 && momentum <= 1.0) then
-            raise (
-                ArgumentOutOfRangeException(
-                    "momentum",
-                    momentum,
-                    $"SwitchNorm1d.Official: momentum (the official keep factor) must lie in [0, 1]; got {momentum}."
-                )
-            )
-
         new SwitchNorm1d(
             num_features,
             eps,
-            1.0 - momentum,
+            ModuleSpec.fromKeepFactor "SwitchNorm1d.Official" momentum,
             true,
             true,
             device,
@@ -814,19 +819,10 @@ type SwitchNorm2d
             [<Optional>] device: torch.Device,
             [<Optional>] dtype: Nullable<torch.ScalarType>
         ) =
-        if not (momentum >= 0.0 && momentum <= 1.0) then
-            raise (
-                ArgumentOutOfRangeException(
-                    "momentum",
-                    momentum,
-                    $"SwitchNorm2d.Official: momentum (the official keep factor) must lie in [0, 1]; got {momentum}."
-                )
-            )
-
         new SwitchNorm2d(
             num_features,
             eps,
-            1.0 - momentum,
+            ModuleSpec.fromKeepFactor "SwitchNorm2d.Official" momentum,
             true,
             true,
             device,
@@ -889,19 +885,10 @@ type SwitchNorm3d
             [<Optional>] device: torch.Device,
             [<Optional>] dtype: Nullable<torch.ScalarType>
         ) =
-        if not (momentum >= 0.0 && momentum <= 1.0) then
-            raise (
-                ArgumentOutOfRangeException(
-                    "momentum",
-                    momentum,
-                    $"SwitchNorm3d.Official: momentum (the official keep factor) must lie in [0, 1]; got {momentum}."
-                )
-            )
-
         new SwitchNorm3d(
             num_features,
             eps,
-            1.0 - momentum,
+            ModuleSpec.fromKeepFactor "SwitchNorm3d.Official" momentum,
             true,
             true,
             device,

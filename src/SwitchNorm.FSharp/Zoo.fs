@@ -174,6 +174,40 @@ type internal BlockKind =
         | Basic -> 1L
         | Bottleneck -> 4L
 
+/// The four stages shared by both official ResNets.
+module internal ZooStages =
+
+    type private Module = torch.nn.Module<torch.Tensor, torch.Tensor>
+
+    /// <summary>
+    /// layer1..layer4 (64, 128, 256, 512 planes; stride 1, 2, 2, 2), as the official _make_layer builds them: a
+    /// stage's first block gets <paramref name="downsample"/> (in, out, stride) when its stride or width changes,
+    /// the others none; <paramref name="make"/> (in, planes, stride, downsample) builds one block.
+    /// </summary>
+    let build
+        (block: BlockKind)
+        (layers: int list)
+        (downsample: int64 -> int64 -> int64 -> Module)
+        (make: int64 -> int64 -> int64 -> Module -> Module)
+        =
+        List.zip3 [ 64L; 128L; 256L; 512L ] layers [ 1L; 2L; 2L; 2L ]
+        |> List.mapFold
+            (fun inPlanes (planes, blocks, stride) ->
+                let out = planes * block.Expansion
+
+                let ds =
+                    if stride <> 1L || inPlanes <> out then
+                        downsample inPlanes out stride
+                    else
+                        null
+
+                let first = make inPlanes planes stride ds
+                let rest = [ for _ in 2..blocks -> make out planes 1L null ]
+
+                torch.nn.Sequential((first :: rest) |> List.mapi (fun i m -> struct (string i, m)) |> Array.ofList), out)
+            64L
+        |> fst
+
 /// <summary>
 /// The official ResNet v1 with Switchable Normalization (imagenet/models/resnet_v1_sn.py's ResNetV1SN): conv1 (7×7,
 /// stride 2), sn1, relu, maxpool (3×3, stride 2), layer1..layer4, avgpool (7×7, stride 1, so 224×224 inputs),
@@ -185,38 +219,25 @@ type ResNetV1SN internal (block: BlockKind, layers: int list, numClasses: int64,
     let conv1 = torch.nn.Conv2d(3L, 64L, 7L, stride = 2L, padding = 3L, bias = false)
     let sn1 = ZooBlocks.sn 64L o.UsingMovingAverage o.UsingBn false
     let maxpool = torch.nn.MaxPool2d(3L, stride = 2L, padding = 1L)
-    let mutable inPlanes = 64L
 
-    let makeLayer (planes: int64) (blocks: int) (stride: int64) =
-        let out = planes * block.Expansion
+    let layer1, layer2, layer3, layer4 =
+        let downsample (inp: int64) (out: int64) (stride: int64) : torch.nn.Module<torch.Tensor, torch.Tensor> =
+            torch.nn.Sequential(
+                [|
+                    struct ("0", ZooBlocks.conv1x1 inp out stride :> torch.nn.Module<torch.Tensor, torch.Tensor>)
+                    struct ("1", ZooBlocks.sn out o.UsingMovingAverage o.UsingBn false :> torch.nn.Module<torch.Tensor, torch.Tensor>)
+                |]
+            )
 
-        let downsample =
-            if stride <> 1L || inPlanes <> out then
-                torch.nn.Sequential(
-                    [|
-                        struct ("0", ZooBlocks.conv1x1 inPlanes out stride :> torch.nn.Module<torch.Tensor, torch.Tensor>)
-                        struct ("1", ZooBlocks.sn out o.UsingMovingAverage o.UsingBn false :> torch.nn.Module<torch.Tensor, torch.Tensor>)
-                    |]
-                )
-                :> torch.nn.Module<torch.Tensor, torch.Tensor>
-            else
-                null
-
-        let make (inp: int64) (s: int64) (ds: torch.nn.Module<torch.Tensor, torch.Tensor>) : torch.nn.Module<torch.Tensor, torch.Tensor> =
+        let make inp planes s ds : torch.nn.Module<torch.Tensor, torch.Tensor> =
             match block with
             | Basic -> new BasicBlockV1(inp, planes, s, ds, o)
             | Bottleneck -> new BottleneckV1(inp, planes, s, ds, o)
 
-        let first = make inPlanes stride downsample
-        inPlanes <- out
-        let rest = [ for _ in 2..blocks -> make inPlanes 1L null ]
+        match ZooStages.build block layers downsample make with
+        | [ a; b; c; d ] -> a, b, c, d
+        | _ -> invalidOp "unreachable: four stages"
 
-        torch.nn.Sequential((first :: rest) |> List.mapi (fun i m -> struct (string i, m)) |> Array.ofList)
-
-    let layer1 = makeLayer 64L layers[0] 1L
-    let layer2 = makeLayer 128L layers[1] 2L
-    let layer3 = makeLayer 256L layers[2] 2L
-    let layer4 = makeLayer 512L layers[3] 2L
     let avgpool = torch.nn.AvgPool2d(7L, stride = 1L)
     let dropout = torch.nn.Dropout(0.5)
     let fc = torch.nn.Linear(512L * block.Expansion, numClasses)
@@ -270,32 +291,19 @@ and ResNetV2SN internal (block: BlockKind, layers: int list, numClasses: int64, 
     let conv1 = torch.nn.Conv2d(3L, 64L, 7L, stride = 2L, padding = 3L, bias = false)
     let sn1 = ZooBlocks.sn 64L o.UsingMovingAverage o.UsingBn false
     let maxpool = torch.nn.MaxPool2d(3L, stride = 2L, padding = 1L)
-    let mutable inPlanes = 64L
 
-    let makeLayer (planes: int64) (blocks: int) (stride: int64) =
-        let out = planes * block.Expansion
+    let layer1, layer2, layer3, layer4 =
+        let downsample (inp: int64) (out: int64) (stride: int64) : torch.nn.Module<torch.Tensor, torch.Tensor> =
+            ZooBlocks.conv1x1 inp out stride
 
-        let downsample =
-            if stride <> 1L || inPlanes <> out then
-                ZooBlocks.conv1x1 inPlanes out stride :> torch.nn.Module<torch.Tensor, torch.Tensor>
-            else
-                null
-
-        let make (inp: int64) (s: int64) (ds: torch.nn.Module<torch.Tensor, torch.Tensor>) : torch.nn.Module<torch.Tensor, torch.Tensor> =
+        let make inp planes s ds : torch.nn.Module<torch.Tensor, torch.Tensor> =
             match block with
             | Basic -> new BasicBlockV2(inp, planes, s, ds, o)
             | Bottleneck -> new BottleneckV2(inp, planes, s, ds, o)
 
-        let first = make inPlanes stride downsample
-        inPlanes <- out
-        let rest = [ for _ in 2..blocks -> make inPlanes 1L null ]
-
-        torch.nn.Sequential((first :: rest) |> List.mapi (fun i m -> struct (string i, m)) |> Array.ofList)
-
-    let layer1 = makeLayer 64L layers[0] 1L
-    let layer2 = makeLayer 128L layers[1] 2L
-    let layer3 = makeLayer 256L layers[2] 2L
-    let layer4 = makeLayer 512L layers[3] 2L
+        match ZooStages.build block layers downsample make with
+        | [ a; b; c; d ] -> a, b, c, d
+        | _ -> invalidOp "unreachable: four stages"
 
     let snOut =
         ZooBlocks.sn (512L * block.Expansion) o.UsingMovingAverage o.UsingBn false
