@@ -18,10 +18,27 @@ export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1 TERM=dumb
 results="$(mktemp -d)"
 passed=0
 failed=0
+failures=() # what failed, repeated at the end where a truncated log still shows it
 check() { # name, command...
     local name="$1"; shift
     echo "== $name"
-    if "$@"; then passed=$((passed + 1)); echo "   ok: $name"; else failed=$((failed + 1)); echo "   FAILED: $name"; fi
+    if "$@"; then
+        passed=$((passed + 1)); echo "   ok: $name"
+    else
+        failed=$((failed + 1)); echo "   FAILED: $name"; failures+=("check: $name")
+    fi
+}
+# The failed tests of a trx file, a line each with the first 600 characters of the message.
+failed_tests() {
+    python3 - "$1" <<'EOF_PY' 2>/dev/null || grep -o 'testName="[^"]*"[^>]*outcome="Failed"' "$1"
+import re, sys, html
+s = open(sys.argv[1], encoding="utf-8").read()
+for m in re.finditer(r'<UnitTestResult [^>]*outcome="Failed"[^>]*>.*?</UnitTestResult>', s, re.S):
+    name = re.search(r'testName="([^"]*)"', m.group(0)).group(1)
+    msg = re.search(r"<Message>(.*?)</Message>", m.group(0), re.S)
+    text = " ".join(html.unescape(msg.group(1)).split())[:600] if msg else "(no message)"
+    print(f"test: {html.unescape(name)}: {text}")
+EOF_PY
 }
 
 dotnet tool restore >/dev/null || { echo "dotnet tool restore failed"; echo "0 passed, 1 failed"; exit 1; }
@@ -70,9 +87,13 @@ for proj in tests/SwitchNorm.Tests/SwitchNorm.Tests.fsproj tests/SwitchNorm.CSha
         passed=$((passed + ${p:-0}))
         failed=$((failed + ${f:-0}))
         echo "   $name: ${p:-0} passed, ${f:-0} failed"
+        if [ "${f:-0}" != 0 ]; then
+            while IFS= read -r line; do failures+=("$name $line"); done < <(failed_tests "$trx")
+        fi
     else
         echo "   no results for $name"
         failed=$((failed + 1))
+        failures+=("$name: no results (the test host crashed or did not start)")
     fi
 done
 
@@ -194,6 +215,10 @@ check "documentation site: fsdocs --strict (guides and API reference), no broken
 
 check "fantomas --check" dotnet fantomas --check src tests samples fsi-scripts bench
 
+if [ "${#failures[@]}" -gt 0 ]; then
+    echo "== what failed"
+    printf '   %s\n' "${failures[@]}"
+fi
 if [ "$skipped" -gt 0 ]; then
     echo "$passed passed, $failed failed, $skipped skipped"
 else

@@ -18,7 +18,8 @@ open TestUtil
 let private python = "/usr/bin/python3"
 
 let private script =
-    Path.GetFullPath(Path.Combine(__SOURCE_DIRECTORY__, "..", "interop", "official_sn.py"))
+    // copied beside the test assembly by the project file: __SOURCE_DIRECTORY__ is /_/ in a deterministic (CI) build
+    Path.Combine(AppContext.BaseDirectory, "interop", "official_sn.py")
 
 let private skipped =
     Environment.GetEnvironmentVariable "SWITCHNORM_SKIP_PYTORCH" = "1"
