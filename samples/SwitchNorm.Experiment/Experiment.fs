@@ -191,7 +191,7 @@ type RunResult = {
 /// Learning rate of SGD (momentum 0.9) for a batch size: 0.1 at batch 32, scaled linearly (Goyal et al., 2017).
 let learningRate (batchSize: int) = 0.1 * float batchSize / 32.0
 
-let private accuracy (model: Net) (data: Data.Split) =
+let accuracy (model: Net) (data: Data.Split) =
     model.eval () |> ignore
     use _ = torch.no_grad ()
     let mutable correct = 0L
@@ -207,7 +207,7 @@ let private accuracy (model: Net) (data: Data.Split) =
     float correct / float data.Count
 
 /// Batches of the training set in a fixed random order (the same for every normalizer at a batch size).
-let private recalibrationBatches (spec: RunSpec) (train: Data.Split) =
+let recalibrationBatches (spec: RunSpec) (train: Data.Split) =
     use g = new torch.Generator(uint64 (spec.Seed + 7919))
     let order = torch.randperm (int64 train.Count, generator = g)
     let b = int64 spec.BatchSize
@@ -258,24 +258,42 @@ let stepsOf (spec: RunSpec) (train: Data.Split) =
     | Some m -> min m full
     | None -> full
 
-/// Trains one model; reports progress through onStep (steps done), and stops early when cancelled (None then).
-let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> unit) (cancel: CancellationToken) =
-    torch.random.manual_seed (int64 spec.Seed) |> ignore
-    use model = new Net(spec.Normalizer)
-    let total = stepsOf spec train
-    let lr = learningRate spec.BatchSize
+/// What a training loop did: the steps taken, the mean loss over the last tenth of them, and the step at which the
+/// loss became NaN or infinite (the loop stopped there), or 0.
+type Fit = {
+    Steps: int
+    FinalTrainLoss: float
+    DivergedAtStep: int
+}
+
+/// <summary>
+/// Trains <paramref name="model"/> in place for <paramref name="total"/> steps of <paramref name="batchSize"/> images:
+/// SGD with momentum 0.9 at learning rate <paramref name="lr"/>, cosine decay to 0, the batches in a random order
+/// drawn from <paramref name="seed"/>. SSN's sparsestmax radius rises from 0 to 1 over the first 80% of the steps.
+/// Reports progress through onStep (steps done) and stops early when cancelled.
+/// </summary>
+let fit
+    (model: Net)
+    (normalizer: Normalizer)
+    (lr: float)
+    (batchSize: int)
+    (total: int)
+    (seed: int)
+    (train: Data.Split)
+    (onStep: int -> unit)
+    (cancel: CancellationToken)
+    =
     use opt = torch.optim.SGD(model.parameters (), lr, momentum = 0.9)
     let sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    use g = new torch.Generator(uint64 spec.Seed)
-    let b = int64 spec.BatchSize
-    let perEpoch = train.Count / spec.BatchSize
-    let watch = Stopwatch.StartNew()
+    use g = new torch.Generator(uint64 seed)
+    let b = int64 batchSize
+    let perEpoch = train.Count / batchSize
     let mutable step = 0
     let mutable lossSum = 0.0
     let mutable lossCount = 0
     let mutable diverged = 0
 
-    if spec.Normalizer = SSN then
+    if normalizer = SSN then
         SparseSwitch.useSwitch SwitchKind.Sparsestmax model |> ignore
 
     model.train () |> ignore
@@ -290,7 +308,7 @@ let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> u
               && not cancel.IsCancellationRequested do
             use _ = torch.NewDisposeScope()
 
-            if spec.Normalizer = SSN then
+            if normalizer = SSN then
                 SparseSwitch.step (SparseSwitch.radiusAt 0.8 (float step / float total)) model
                 |> ignore
 
@@ -316,6 +334,28 @@ let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> u
                     lossCount <- lossCount + 1
 
                 onStep step
+
+    {
+        Steps = step
+        FinalTrainLoss =
+            (if diverged > 0 then
+                 nan
+             else
+                 lossSum / float (max 1 lossCount))
+        DivergedAtStep = diverged
+    }
+
+/// Trains one model; reports progress through onStep (steps done), and stops early when cancelled (None then).
+let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> unit) (cancel: CancellationToken) =
+    torch.random.manual_seed (int64 spec.Seed) |> ignore
+    use model = new Net(spec.Normalizer)
+    let lr = learningRate spec.BatchSize
+    let watch = Stopwatch.StartNew()
+
+    let fitted =
+        fit model spec.Normalizer lr spec.BatchSize (stepsOf spec train) spec.Seed train onStep cancel
+
+    let diverged = fitted.DivergedAtStep
 
     if cancel.IsCancellationRequested then
         None
@@ -348,13 +388,9 @@ let run (spec: RunSpec) (train: Data.Split) (test: Data.Split) (onStep: int -> u
             BatchSize = spec.BatchSize
             Seed = spec.Seed
             Epochs = spec.Epochs
-            Steps = step
+            Steps = fitted.Steps
             LearningRate = lr
-            FinalTrainLoss =
-                (if diverged > 0 then
-                     nan
-                 else
-                     lossSum / float (max 1 lossCount))
+            FinalTrainLoss = fitted.FinalTrainLoss
             TestAccuracy = acc
             MovingAverageAccuracy = moving
             Seconds = watch.Elapsed.TotalSeconds
