@@ -156,6 +156,13 @@ main_job_smoke() { # two seeds, batch sizes 1 and 8: files, one row per run, and
     grep -q '"seeds"' "$out/results.json" && grep -q '"ci95_low"' "$out/results.json" || { echo "results.json lacks the seeds or the intervals"; return 1; }
     grep -q '±' "$out/accuracy.md" || { echo "accuracy.md lacks the intervals"; return 1; }
 }
+conversion_smoke() { # the conversion study, briefly: a row per seed and margin (and the BN control), and its table
+    local out
+    out="$(mktemp -d)"
+    dotnet "$job" --conversion-study --max-steps 20 --seeds 2 --margins 0 2 --no-plots -o "$out" >/dev/null || return 1
+    [ "$(wc -l <"$out/conversion.csv")" -eq 7 ] || { echo "conversion.csv should have a header and 6 rows"; cat "$out/conversion.csv"; return 1; }
+    grep -q '^| 2 | 0.7870 |' "$out/conversion.md" || { echo "conversion.md lacks the margin-2 line"; cat "$out/conversion.md"; return 1; }
+}
 refuses() { # expected message, then arguments: the job must exit with 2 and print the message
     local expected="$1"; shift
     local text code
@@ -166,6 +173,7 @@ corrupt="$(mktemp -d)"
 cp samples/SwitchNorm.Experiment/data/*.gz "$corrupt"/
 head -c 100000 samples/SwitchNorm.Experiment/data/train-images-idx3-ubyte.gz >"$corrupt/train-images-idx3-ubyte.gz"
 check "main job (30 steps per run, 2 seeds, batch sizes 1 and 8, intervals and every file)" main_job_smoke
+check "conversion study (20 steps per phase, 2 seeds, margins 0 and 2): conversion.csv and conversion.md" conversion_smoke
 check "main job refuses a bad option" refuses "unknown normalizer 'xx'" -n bn xx
 check "main job refuses a missing data folder" refuses "does not exist" --data-dir /nonexistent/fashion
 check "main job refuses a truncated data file" refuses "train-images-idx3-ubyte.gz: 181452 bytes for 6000 items" --data-dir "$corrupt"

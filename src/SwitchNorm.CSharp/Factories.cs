@@ -314,12 +314,12 @@ namespace SwitchNorm.CSharp
         /// </summary>
         /// <param name="model">The module tree to convert.</param>
         /// <param name="init">Starting logits: <see cref="LogitInit.Uniform"/> (the paper) or <see cref="LogitInit.BatchLeaning"/>.</param>
-        /// <param name="bn_logit_margin">With BatchLeaning, how much BN's logits exceed the others: BN weight 1/(1 + 2e^−margin). Default 8 (0.9993).</param>
+        /// <param name="bn_logit_margin">With BatchLeaning, how much BN's logits exceed the others: BN weight 1/(1 + 2e^−margin). Default 2 (0.787), <c>Defaults.BnLogitMargin</c>: the smallest margin that keeps a trained network's accuracy at conversion while the mixtures still learn (at 8 the softmax is saturated and the switch does not move).</param>
         /// <returns>The converted model (the new layer when the model itself is a BatchNorm), the names of the places that
         /// held a BatchNorm, and how many were replaced.</returns>
         /// <exception cref="InvalidOperationException">A field or container typed for BatchNorm only, or a margin whose
         /// logits are not finite in the layer's dtype; nothing is changed.</exception>
-        public static global::SwitchNorm.ConversionResult ConvertBatchNorm(this torch.nn.Module model, LogitInit init = LogitInit.Uniform, double bn_logit_margin = 8.0) =>
+        public static global::SwitchNorm.ConversionResult ConvertBatchNorm(this torch.nn.Module model, LogitInit init = LogitInit.Uniform, double bn_logit_margin = global::SwitchNorm.Defaults.BnLogitMargin) =>
             global::SwitchNorm.FSharp.Conversion.BatchNormToSwitchNorm(init, bn_logit_margin, model);
 
         /// <summary>

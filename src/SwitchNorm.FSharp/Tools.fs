@@ -334,8 +334,9 @@ module Conversion =
     /// depth. A BatchNorm used in several places becomes one SwitchNorm used in all of them, so tying is kept. Options
     /// (affine and track_running_stats included), weight, bias, running statistics, num_batches_tracked and the
     /// train/eval mode carry over. <paramref name="init"/> picks the starting logits: Uniform (the paper) or
-    /// BatchLeaning, which adds <paramref name="margin"/> to BN's logits (BN weight 1/(1 + 2e^−margin); 0.9993 at the
-    /// default margin 8) so a pretrained network keeps its function at first. Anything it cannot do (a field or
+    /// BatchLeaning, which adds <paramref name="margin"/> to BN's logits (BN weight 1/(1 + 2e^−margin): 0.787 at
+    /// Defaults.BnLogitMargin = 2, 0.9993 at 8) so a pretrained network keeps (nearly) its function at first. A margin
+    /// above about 4 saturates the softmax: the mixtures then barely move in fine-tuning (Defaults.BnLogitMargin). Anything it cannot do (a field or
     /// container typed for BatchNorm only, a margin whose logits are not finite in the layer's dtype) is refused with
     /// an InvalidOperationException before anything changes. Returns the converted model (the new layer when the
     /// model itself is a BatchNorm) and where the BatchNorms were.

@@ -86,7 +86,10 @@ namespace SwitchNorm.CSharp.Tests
             Assert.Single(mix);
             Assert.Equal("bn", mix[0].Name);
             Assert.Equal(1.0, mix[0].Mean.Sum(), 12);
-            Assert.True(mix[0].Mean[2] > 0.99);
+            // the default margin, Defaults.BnLogitMargin = 2: BN weight 1/(1 + 2e^-2), IN and LN e^-2/(1 + 2e^-2) (float32 logits)
+            Assert.Equal(2.0, global::SwitchNorm.Defaults.BnLogitMargin);
+            Assert.Equal(1.0 / (1.0 + 2.0 * Math.Exp(-2.0)), mix[0].Mean[2], 6);
+            Assert.Equal(Math.Exp(-2.0) / (1.0 + 2.0 * Math.Exp(-2.0)), mix[0].Var[0], 6);
 
             var batches = Enumerable.Range(0, 3).Select(_ => torch.randn(2, 1, 4, 4)).ToList();
             Assert.Equal(3, SwitchNormTools.RecalibrateBatchAverage(model, batches));
