@@ -97,8 +97,8 @@ let check (comm: ICommunicator) (dt: torch.ScalarType) =
             t.narrow (0L, int64 starts[r], int64 shards[r])
 
         let diffs = [
-            "output", maxDiff ys (rows yr)
-            "input gradient", maxDiff xs.grad (rows xr.grad)
+            yield "output", maxDiff ys (rows yr)
+            yield "input gradient", maxDiff xs.grad (rows xr.grad)
             for (name, ps, pr) in
                 [
                     "weight", sync.weight, reference.weight
@@ -106,8 +106,8 @@ let check (comm: ICommunicator) (dt: torch.ScalarType) =
                     "mean_weight", sync.mean_weight, reference.mean_weight
                     "var_weight", sync.var_weight, reference.var_weight
                 ] -> $"{name} gradient (summed)", maxDiff (allreduce comm ps.grad) pr.grad
-            "running_mean", maxDiff sync.running_mean reference.running_mean
-            "running_var", maxDiff sync.running_var reference.running_var
+            yield "running_mean", maxDiff sync.running_mean reference.running_mean
+            yield "running_var", maxDiff sync.running_var reference.running_var
         ]
 
         for (what, d) in diffs do
