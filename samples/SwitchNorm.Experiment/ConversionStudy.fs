@@ -189,7 +189,8 @@ let markdown (spec: StudySpec) (rows: StudyRow list) =
     let groups = rows |> List.groupBy (fun r -> r.Margin)
 
     let lines = [
-        yield "| margin | BN weight at conversion | max abs change of eval logits | accuracy right after conversion (%) | largest mixture-weight change in fine-tuning | smallest BN weight after | fine-tuned accuracy (%), moving averages | minus BN kept, same seed (points) | after recalibration (%) |"
+        yield
+            "| margin | BN weight at conversion | max abs change of eval logits | accuracy right after conversion (%) | largest mixture-weight change in fine-tuning | smallest BN weight after | fine-tuned accuracy (%), moving averages | minus BN kept, same seed (points) | after recalibration (%) |"
         yield "|---|---|---|---|---|---|---|---|---|"
         for margin, rs in groups ->
             let avg f = rs |> List.averageBy f
@@ -231,7 +232,8 @@ let markdown (spec: StudySpec) (rows: StudyRow list) =
 /// conversion.csv: one line per seed and margin.
 let writeCsv (path: string) (rows: StudyRow list) =
     let lines = [
-        yield "margin,seed,pretrained_accuracy,logit_change,converted_accuracy,mixture_movement,smallest_bn_weight,fine_tuned_accuracy,recalibrated_accuracy,fine_tune_steps"
+        yield
+            "margin,seed,pretrained_accuracy,logit_change,converted_accuracy,mixture_movement,smallest_bn_weight,fine_tuned_accuracy,recalibrated_accuracy,fine_tune_steps"
         for r in rows ->
             let m =
                 match r.Margin with
